@@ -1,0 +1,39 @@
+# Every target sets up .venv first; `make filter` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= demo
+URLS   ?=
+SET    ?=
+export HF_HUB_OFFLINE ?= 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+CURATE_ARGS = --config $(CONFIG) $(if $(URLS),--urls $(URLS)) $(foreach s,$(SET),--set $(s))
+
+.PHONY: setup filter test test-all bench weights query lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,eval]'
+	touch $@
+
+filter: setup
+	$(VENV)/bin/curate run $(CURATE_ARGS)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+query: setup
+	$(VENV)/bin/curate query --config $(CONFIG) "$(SQL)"
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline filters eval tests
+
+clean:
+	rm -rf runs bench/out

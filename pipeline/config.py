@@ -1,0 +1,274 @@
+"""Run configuration: one YAML file per run, validated into typed models.
+
+``load_config(path_or_preset, overrides)`` is the only config loader. Unknown
+keys and wrong types raise :class:`ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names key and file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Strict):
+    # "demo" means: the built-in procedurally generated demo, served on loopback.
+    urls: str = "demo"
+    format: Literal["auto", "parquet", "csv", "jsonl", "tsv"] = "auto"
+    url_col: str = "URL"
+    caption_col: str | None = "TEXT"
+    # None: carry every other input column; a list: carry only those.
+    extra_columns: list[str] | None = None
+    demo_size: int = Field(600, ge=20)
+
+
+class DownloadConfig(_Strict):
+    image_size: int = Field(512, ge=8)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = (
+        "keep_ratio"
+    )
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: int = Field(100, ge=1)
+    processes: int = Field(2, ge=1)
+    threads: int = Field(16, ge=1)
+    timeout: float = Field(10.0, gt=0)
+    retries: int = Field(0, ge=0)
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    user_agent_token: str | None = None
+    # img2dataset's opt-out handling; kept on by default (politeness).
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    min_image_size: int = Field(0, ge=0)
+    max_aspect_ratio: float = Field(float("inf"), gt=0)
+
+
+class ModelsConfig(_Strict):
+    # "tiny": toy-sized models with seeded random weights (tests, offline demo).
+    # "real": the LAION / OpenAI models of MODELS.md.
+    preset: Literal["tiny", "real"] = "tiny"
+    cache_dir: str | None = None  # default: $CURATE_WEIGHTS or ~/.cache/t2i-curate
+    similarity_clip: str = "ViT-B-32/openai"
+    aesthetic_clip: str = "ViT-L-14/openai"
+    aesthetic_head: Literal["v2", "v1"] = "v2"
+    # local files that replace the weight source of a model (name -> path)
+    local_weights: dict[str, str] = Field(default_factory=dict)
+
+
+class ScoreConfig(_Strict):
+    scorers: list[Literal["resolution", "watermark", "aesthetic", "clip_similarity"]] = Field(
+        default_factory=lambda: ["resolution"]
+    )
+    batch_size: int = Field(32, ge=1)
+    decode_workers: int = Field(1, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_embeddings: bool = True
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+
+
+class Rule(_Strict):
+    """A named keep-predicate in DuckDB SQL over the sample columns."""
+
+    name: str
+    keep: str
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        if not v.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ValueError(f"rule names use letters, digits, '_', '-', '.'; got {v!r}")
+        return v
+
+
+class SelectConfig(_Strict):
+    rules: list[Rule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, v: list[Rule]) -> list[Rule]:
+        names = [r.name for r in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"rule names must be unique; repeated: {sorted(dup)}")
+        return v
+
+
+class WriteConfig(_Strict):
+    samples_per_shard: int = Field(200, ge=1)
+
+
+class RunConfig(_Strict):
+    name: str = "demo"
+    runs_dir: str = "runs"
+    executor: Literal["local", "ray"] = "local"
+    workers: int = Field(2, ge=1)
+    input: InputConfig = Field(default_factory=InputConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    write: WriteConfig = Field(default_factory=WriteConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change outputs (not parallelism or paths)."""
+        d = self.model_dump(mode="json")
+        for k in ("runs_dir", "executor", "workers", "name"):
+            d.pop(k)
+        for k in ("processes", "threads", "distributor"):
+            d["download"].pop(k)
+        for k in ("batch_size", "decode_workers", "device"):
+            d["score"].pop(k)
+        d["score"]["models"].pop("cache_dir")
+        # Selection and writing can be changed and rerun in the same folder.
+        d.pop("select")
+        d.pop("write")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A path to an existing file, or a preset name from ``configs/``."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (PRESET_DIR / name_or_path, PRESET_DIR / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"config {name_or_path!r}: expected a YAML file or a preset name; "
+        f"no such file, and known presets are: {', '.join(known)}"
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset may say ``base: other-preset`` and override parts of it."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops: {[str(s) for s in seen]}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: key 'base': expected a preset name, got {base!r}")
+    parent = _load_with_bases(resolve_preset(base), seen + (path.resolve(),))
+    # A rule list in the child extends the parent's rules, named rules replace.
+    child_rules = data.get("select", {}).get("rules") if isinstance(data.get("select"), dict) else None
+    merged = _merge(parent, data)
+    if child_rules is not None and isinstance(parent.get("select", {}).get("rules"), list):
+        rules = {r["name"]: r for r in parent["select"]["rules"] if isinstance(r, dict)}
+        for r in child_rules:
+            if isinstance(r, dict) and "name" in r:
+                rules[r["name"]] = r
+        merged["select"]["rules"] = list(rules.values())
+    return merged
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` with the value parsed as YAML (so 3, true, [a, b] work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            got = e.get("input")
+            got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"  {key}: {e['msg']} (got {got_s[:80]})")
+    return f"{source}: invalid config\n" + "\n".join(lines)
+
+
+def load_config(path_or_preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or preset name), apply dotted overrides, validate."""
+    overrides = overrides or []
+    if path_or_preset:
+        path = resolve_preset(path_or_preset)
+        data = _load_with_bases(path)
+        source = str(path)
+    else:
+        data, source = {}, "<defaults>"
+    data = apply_overrides(data, overrides)
+    if overrides:
+        source += f" (with overrides {' '.join(overrides)})"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,340 @@
+"""Download stage: img2dataset's Python API, plus input normalisation and retry-failed.
+
+Input (parquet / csv / tsv / jsonl, LAION's ``URL`` / ``TEXT`` or configured
+names) is validated and normalised into ``download/_input.parquet``; extra
+columns ride along. Output is img2dataset's own: ``NNNNN.tar`` +
+``NNNNN.parquet`` + ``NNNNN_stats.json`` per shard, the stats file marking a
+finished shard. ``retry_failed`` re-downloads only the rows that failed in
+finished shards and merges the successes back under their original keys.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+from pipeline.catalog import arrow
+from pipeline.config import InputConfig, RunConfig
+from pipeline.io import atomic_path, shard_ids, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+INPUT_FILE = "_input.parquet"
+# Columns img2dataset or our scorers write; an input column equal to one of
+# these (ignoring case) is carried as ``input_<name>`` instead, so no two
+# columns differ only by case (DuckDB would rename one of them silently).
+RESERVED = {
+    "key", "url", "caption", "status", "error_message", "width", "height",
+    "original_width", "original_height", "exif", "md5", "sha256", "sha512",
+    "similarity", "pwatermark", "punsafe", "aesthetic_score",
+}
+ALIASES = {"aesthetic": "aesthetic_score"}  # LAION spellings of our columns
+
+
+class InputError(ValueError):
+    """The URL list cannot be used; the message says what was expected."""
+
+
+def _detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.name.lower()
+    for ext, f in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"),
+                   (".jsonl", "jsonl"), (".json", "jsonl")):
+        if name.endswith(ext):
+            return f
+    raise InputError(
+        f"{path}: cannot tell the input format from the name; expected .parquet, .csv, "
+        f".tsv or .jsonl, or set input.format"
+    )
+
+
+def read_url_list(path: Path, icfg: InputConfig):
+    """Read and validate a URL list into a pyarrow Table (columns renamed as stored)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pjson
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input.urls: {path} does not exist")
+    fmt = _detect_format(path, icfg.format)
+    try:
+        if fmt == "parquet":
+            table = pq.read_table(path)
+        elif fmt in ("csv", "tsv"):
+            opts = pcsv.ParseOptions(delimiter="," if fmt == "csv" else "\t")
+            table = pcsv.read_csv(path, parse_options=opts)
+        else:
+            table = pjson.read_json(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{path}: cannot read as {fmt}: {e}") from e
+    cols = table.column_names
+    if icfg.url_col not in cols:
+        raise InputError(
+            f"{path}: expected a URL column {icfg.url_col!r} (set input.url_col); "
+            f"found columns {cols}"
+        )
+    if not pa.types.is_string(table.schema.field(icfg.url_col).type) and not pa.types.is_large_string(
+        table.schema.field(icfg.url_col).type
+    ):
+        raise InputError(
+            f"{path}: URL column {icfg.url_col!r} must hold strings, got "
+            f"{table.schema.field(icfg.url_col).type}"
+        )
+    if icfg.caption_col is not None and icfg.caption_col not in cols:
+        raise InputError(
+            f"{path}: expected a caption column {icfg.caption_col!r} (set input.caption_col, "
+            f"or null for none); found columns {cols}"
+        )
+    if table.num_rows == 0:
+        raise InputError(f"{path}: the URL list is empty (0 rows)")
+    if icfg.caption_col is not None:
+        cap = table[icfg.caption_col]
+        if not pa.types.is_string(cap.type):
+            table = table.set_column(
+                cols.index(icfg.caption_col), icfg.caption_col, cap.cast(pa.string())
+            )
+    return table
+
+
+def normalise_input(table, icfg: InputConfig):
+    """Pick and rename columns for img2dataset; return (table, extra column names)."""
+    keep_base = [icfg.url_col] + ([icfg.caption_col] if icfg.caption_col else [])
+    others = [c for c in table.column_names if c not in keep_base]
+    if icfg.extra_columns is not None:
+        missing = [c for c in icfg.extra_columns if c not in others]
+        if missing:
+            raise InputError(f"input.extra_columns: not in the input: {missing}; found {others}")
+        others = list(icfg.extra_columns)
+    renamed, seen = [], {c.lower() for c in keep_base}
+    for c in others:
+        low = ALIASES.get(c.lower(), c.lower())
+        new = f"input_{low}" if low in RESERVED else c
+        if new.lower() in seen:
+            raise InputError(f"input column {c!r} collides with another column as {new!r}")
+        seen.add(new.lower())
+        renamed.append(new)
+    out = table.select(keep_base + others).rename_columns(keep_base + renamed)
+    if "input_row" in out.column_names:
+        raise InputError("the input has a column 'input_row', which the pipeline reserves; rename it")
+    # the row's position in the input: joins every result back to its input row
+    import pyarrow as pa
+
+    out = out.append_column("input_row", pa.array(range(out.num_rows), type=pa.int64()))
+    return out, renamed + ["input_row"]
+
+
+def prepare_input(run_dir: Path, url_path: Path, icfg: InputConfig, table=None) -> tuple[Path, list[str]]:
+    """Validate the URL list (unless ``table`` is the validated list) and write the
+    normalised copy; return its path and the extra columns."""
+    if table is None:
+        table = read_url_list(url_path, icfg)
+    table, extras = normalise_input(table, icfg)
+    out = run_dir / "download" / INPUT_FILE
+    write_parquet(out, table)
+    return out, extras
+
+
+def _img2dataset_kwargs(cfg: RunConfig, extras: list[str]) -> dict:
+    d = cfg.download
+    return dict(
+        image_size=d.image_size,
+        resize_mode=d.resize_mode,
+        resize_only_if_bigger=d.resize_only_if_bigger,
+        encode_format=d.encode_format,
+        encode_quality=d.encode_quality,
+        processes_count=d.processes,
+        thread_count=d.threads,
+        timeout=d.timeout,
+        retries=d.retries,
+        distributor=d.distributor,
+        number_sample_per_shard=d.samples_per_shard,
+        user_agent_token=d.user_agent_token,
+        disallowed_header_directives=d.disallowed_header_directives,
+        min_image_size=d.min_image_size,
+        max_aspect_ratio=d.max_aspect_ratio,
+        output_format="webdataset",
+        input_format="parquet",
+        url_col=cfg.input.url_col,
+        caption_col=cfg.input.caption_col,
+        save_additional_columns=extras or None,
+        compute_hash="sha256",
+        extract_exif=False,
+        enable_wandb=False,
+        oom_shard_count=5,
+        incremental_mode="incremental",
+    )
+
+
+def run_img2dataset(url_list: Path, output: Path, kwargs: dict) -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset import download as i2d_download
+
+    output.mkdir(parents=True, exist_ok=True)
+    # img2dataset prints its own progress to stdout; keep ours on the log.
+    i2d_download(url_list=str(url_list), output_folder=str(output), **kwargs)
+
+
+def finished_shards(download_dir: Path) -> list[int]:
+    """Shards img2dataset finished (its stats file is written last)."""
+    return [s for s in shard_ids(download_dir, "_stats.json")
+            if (download_dir / f"{s:05d}.parquet").exists() and (download_dir / f"{s:05d}.tar").exists()]
+
+
+def expected_shards(n_rows: int, per_shard: int) -> int:
+    return (n_rows + per_shard - 1) // per_shard
+
+
+def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) -> dict:
+    """Download every unfinished shard; return counts. ``table``: the list, already validated."""
+    import pyarrow.parquet as pq
+
+    input_path, extras = prepare_input(run_dir, url_path, cfg.input, table)
+    out = run_dir / "download"
+    n_rows = pq.read_metadata(input_path).num_rows
+    todo = expected_shards(n_rows, cfg.download.samples_per_shard) - len(finished_shards(out))
+    if todo > 0:  # img2dataset would skip finished shards too, but only after starting its pool
+        run_img2dataset(input_path, out, _img2dataset_kwargs(cfg, extras))
+    else:
+        log.info("download: all %d shards finished already", len(finished_shards(out)))
+    return download_summary(out)
+
+
+def download_summary(download_dir: Path) -> dict:
+    import duckdb
+
+    shards = finished_shards(download_dir)
+    if not shards:
+        return {"shards": 0, "rows": 0, "success": 0, "failed": 0}
+    files = [str(download_dir / f"{s:05d}.parquet") for s in shards]
+    row = duckdb.connect().execute(
+        "SELECT count(*), count(*) FILTER (status = 'success') FROM read_parquet(?)", [files]
+    ).fetchall()[0]
+    return {"shards": len(shards), "rows": row[0], "success": row[1], "failed": row[0] - row[1]}
+
+
+def retry_failed(cfg: RunConfig, run_dir: Path, url_path: Path | None = None) -> dict:
+    """Re-download the rows that failed in finished shards; merge successes in place.
+
+    Each affected shard's tar and parquet are rewritten atomically, keys kept.
+    Returns ``{"retried": n, "recovered": m}``.
+    """
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ddir = run_dir / "download"
+    shards = finished_shards(ddir)
+    files = [str(ddir / f"{s:05d}.parquet") for s in shards]
+    if not files:
+        return {"retried": 0, "recovered": 0}
+    con = duckdb.connect()
+    failed = arrow(con, "SELECT key, input_row FROM read_parquet(?) WHERE status <> 'success' ORDER BY key",
+                   [files])
+    if failed.num_rows == 0:
+        return {"retried": 0, "recovered": 0}
+    # Rows come from the current input (its URLs may have been refreshed), by input_row.
+    current = pq.read_table(ddir / INPUT_FILE)
+    rows = current.take(pa.array(failed["input_row"].to_pylist(), type=pa.int64()))
+    retry_in = rows.append_column("_orig_key", failed["key"])
+    work = ddir / "_retry"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    pq.write_table(retry_in, work / "input.parquet")
+    extras = [c for c in retry_in.column_names if c not in (cfg.input.url_col, cfg.input.caption_col)]
+    kwargs = _img2dataset_kwargs(cfg, extras)
+    kwargs["number_sample_per_shard"] = max(1, failed.num_rows)
+    run_img2dataset(work / "input.parquet", work / "out", kwargs)
+    new_meta = pq.read_table(work / "out" / "00000.parquet")
+    new_rows = {r["_orig_key"]: r for r in new_meta.to_pylist()}
+    new_samples = _read_tar_samples(work / "out" / "00000.tar")
+    by_shard: dict[int, list[str]] = {}
+    for k in new_rows:
+        by_shard.setdefault(_shard_of(k), []).append(k)
+    recovered = 0
+    for shard, keys in sorted(by_shard.items()):
+        recovered += _merge_retry(ddir, shard, {k: new_rows[k] for k in keys}, new_samples)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("retry-failed: %d rows retried, %d recovered", failed.num_rows, recovered)
+    return {"retried": failed.num_rows, "recovered": recovered}
+
+
+def _shard_of(key: str) -> int:
+    # img2dataset keys are shard id (5 digits here) followed by the in-shard index.
+    return int(key[:5])
+
+
+def _read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    if not path.exists():
+        return samples
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.partition(".")
+            samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return samples
+
+
+def _merge_retry(ddir: Path, shard: int, rows: dict, new_samples: dict) -> int:
+    """Rewrite shard ``shard`` with the successful retried rows; return how many."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = f"{shard:05d}"
+    old = pq.read_table(ddir / f"{name}.parquet")
+    schema = old.schema
+    out_rows, recovered, additions = [], 0, {}
+    for r in old.to_pylist():
+        nr = rows.get(r["key"])
+        if nr is not None and nr["status"] == "success":
+            tmp_key = nr["key"]
+            merged = {c: nr.get(c, r.get(c)) for c in schema.names}
+            merged["key"] = r["key"]
+            out_rows.append(merged)
+            sample = dict(new_samples.get(tmp_key, {}))
+            if "json" in sample:
+                meta = json.loads(sample["json"])
+                meta.pop("_orig_key", None)
+                meta["key"] = r["key"]
+                sample["json"] = json.dumps(meta, indent=4).encode()
+            additions[r["key"]] = sample
+            recovered += 1
+        else:
+            if nr is not None:  # still failing: keep the newest error
+                r = {**r, "status": nr["status"], "error_message": nr["error_message"]}
+            out_rows.append(r)
+    if not additions and recovered == 0:
+        write_parquet(ddir / f"{name}.parquet", pa.Table.from_pylist(out_rows, schema=schema))
+        return 0
+    with atomic_path(ddir / f"{name}.tar") as tmp_tar:
+        with tarfile.open(ddir / f"{name}.tar") as src, tarfile.open(tmp_tar, "w") as dst:
+            for m in src:
+                # skip a sample a crashed earlier merge already added
+                if m.isfile() and m.name.partition(".")[0] not in additions:
+                    dst.addfile(m, src.extractfile(m))
+            for key, parts in sorted(additions.items()):
+                for ext, data in sorted(parts.items()):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    info.mode = 0o444
+                    dst.addfile(info, io.BytesIO(data))
+    write_parquet(ddir / f"{name}.parquet", pa.Table.from_pylist(out_rows, schema=schema))
+    stats_path = ddir / f"{name}_stats.json"
+    try:
+        stats = json.loads(stats_path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("%s: cannot update stats after retry (%s); counts come from the parquet", stats_path, e)
+    else:
+        stats["successes"] = stats.get("successes", 0) + recovered
+        stats["retried_ok"] = stats.get("retried_ok", 0) + recovered
+        write_json(stats_path, stats)
+    return recovered

@@ -1,0 +1,93 @@
+"""Score stage: one pass per download shard, adding score columns for every success.
+
+Output ``scores/NNNNN.parquet``: ``key``, ``score_status`` (``ok`` / ``failed``),
+``score_error`` and one column per scorer column. Its parquet metadata holds a
+stamp of the download shard it was computed from and the scorer settings; a
+rerun skips shards whose stamp and settings still match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig, ScoreConfig
+from pipeline.io import file_stamp, write_parquet
+
+log = logging.getLogger(__name__)
+
+META_KEY = b"t2i_curate"
+
+
+def scorer_settings(scfg: ScoreConfig) -> dict[str, Any]:
+    """The part of the config that changes score values (not batch size or device)."""
+    return {"scorers": sorted(scfg.scorers), "models": scfg.models.model_dump(exclude={"cache_dir"})}
+
+
+def shard_is_current(out: Path, stamp: str, settings: dict) -> bool:
+    import pyarrow.parquet as pq
+
+    if not out.exists():
+        return False
+    meta = pq.read_schema(out).metadata or {}
+    try:
+        info = json.loads(meta.get(META_KEY, b"{}"))
+    except ValueError:
+        return False
+    return info.get("source_stamp") == stamp and info.get("settings") == settings
+
+
+def score_shard(run_dir: str, scfg_json: str, shard: int) -> dict[str, int]:
+    """Score one download shard; return counts. Runs inside a worker process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.scoring import ShardScorer
+
+    scfg = ScoreConfig.model_validate_json(scfg_json)
+    run = Path(run_dir)
+    name = f"{shard:05d}"
+    src_parquet, src_tar = run / "download" / f"{name}.parquet", run / "download" / f"{name}.tar"
+    out = run / "scores" / f"{name}.parquet"
+    stamp, settings = file_stamp(src_parquet, src_tar), scorer_settings(scfg)
+    if shard_is_current(out, stamp, settings):
+        return {"skipped": 1, "scored": 0, "failed": 0}
+    meta = pq.read_table(src_parquet)
+    rows = [r for r in meta.to_pylist() if r["status"] == "success"]
+    rows.sort(key=lambda r: r["key"])
+    columns, provenance = ShardScorer.for_config(scfg).score_rows(rows, src_tar)
+    table = pa.table(columns)
+    info = {"source_stamp": stamp, "settings": settings, "provenance": provenance}
+    table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
+    write_parquet(out, table)
+    n_failed = sum(1 for s in columns["score_status"] if s != "ok")
+    return {"skipped": 0, "scored": len(rows) - n_failed, "failed": n_failed}
+
+
+def score_stage(cfg: RunConfig, run_dir: Path, shards: list[int]) -> dict[str, int]:
+    from pipeline.executors import map_shards
+
+    fn = partial(score_shard, str(run_dir), cfg.score.model_dump_json())
+    res = map_shards(fn, shards, workers=cfg.workers, executor=cfg.executor, desc="score")
+    res.raise_if_failed("score")
+    total = {"skipped": 0, "scored": 0, "failed": 0}
+    for r in res.results.values():
+        for k in total:
+            total[k] += r[k]
+    return total
+
+
+def read_provenance(run_dir: Path) -> dict[str, Any]:
+    """Scorer provenance (model names, tiny flag) from the first scores shard."""
+    import pyarrow.parquet as pq
+
+    from pipeline.io import shard_ids
+
+    ids = shard_ids(run_dir / "scores", ".parquet")
+    if not ids:
+        return {}
+    meta = pq.read_schema(run_dir / "scores" / f"{ids[0]:05d}.parquet").metadata or {}
+    return json.loads(meta.get(META_KEY, b"{}")).get("provenance", {})

@@ -1,0 +1,78 @@
+"""Select stage: the config's named rules, compiled to one DuckDB query.
+
+Writes ``selected/decisions.parquet``: one row per input row with ``state``
+(``selected`` / ``dropped`` / ``failed``), the dropping ``rule``, and for
+failures the ``error`` and ``failed_stage``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from filters.rules import RuleError, decision_sql, explain_missing, missing_column
+from pipeline.catalog import arrow, open_run
+from pipeline.config import RunConfig
+from pipeline.io import write_parquet
+
+log = logging.getLogger(__name__)
+
+
+class StageOrderError(RuntimeError):
+    """A stage ran before the work it needs was finished."""
+
+
+def check_rules(con, rules) -> None:
+    """Bind every rule against the ``samples`` view; name the missing scorer if any."""
+    import duckdb
+
+    for r in rules:
+        try:
+            rows = con.execute(f"SELECT typeof(({r.keep})) FROM samples LIMIT 1").fetchall()
+        except duckdb.Error as e:
+            col = missing_column(str(e))
+            if col:
+                raise RuleError(explain_missing(r.name, col)) from None
+            raise RuleError(f"rule {r.name!r}: {r.keep!r} is not a valid DuckDB expression: {e}") from None
+        if rows and rows[0][0] not in ("BOOLEAN", "NULL"):
+            raise RuleError(f"rule {r.name!r}: expected a true/false expression, got a {rows[0][0]}: {r.keep!r}")
+
+
+def check_complete(run_dir: Path, con) -> None:
+    """Every input row must have a download result and every download shard scores."""
+    from pipeline.download import finished_shards
+    from pipeline.io import shard_ids
+
+    n_input = con.execute("SELECT count(*) FROM input").fetchall()[0][0]
+    n_down = con.execute("SELECT count(*) FROM downloads").fetchall()[0][0] if _has(con, "downloads") else 0
+    if n_down != n_input:
+        raise StageOrderError(
+            f"download is not finished: {n_down} of {n_input} input rows have a result; "
+            f"run `curate download` first"
+        )
+    missing = sorted(set(finished_shards(run_dir / "download")) - set(shard_ids(run_dir / "scores", ".parquet")))
+    if missing:
+        raise StageOrderError(
+            f"score is not finished: shards {missing[:10]}{'...' if len(missing) > 10 else ''} "
+            f"have no scores; run `curate score` first"
+        )
+
+
+def _has(con, view: str) -> bool:
+    return bool(con.execute(
+        "SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [view]).fetchall()[0][0])
+
+
+def select_stage(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
+    """Judge every sample; write the decisions table; return state counts."""
+    con = open_run(run_dir)
+    if not _has(con, "input"):
+        raise StageOrderError("no download input in this run; run `curate download` first")
+    check_complete(run_dir, con)
+    check_rules(con, cfg.select.rules)
+    table = arrow(con, decision_sql(cfg.select.rules))
+    write_parquet(run_dir / "selected" / "decisions.parquet", table)
+    counts = dict(con.execute(
+        "SELECT state, count(*) FROM read_parquet(?) GROUP BY state",
+        [str(run_dir / "selected" / "decisions.parquet")]).fetchall())
+    return {s: counts.get(s, 0) for s in ("selected", "dropped", "failed")}

@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture
+def shared():
+    """../shared (real checkpoints, images, prompts); tests skip when it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared is absent (a user's clone has none)")
+    return SHARED
+
+
+def curate(*args, check=True, **kw):
+    """Run the CLI in a subprocess, as a user would; return the CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "200"}
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True,
+                       text=True, env=env, cwd=kw.pop("cwd", ROOT), **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"curate {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def small_demo_args(runs_dir, name="demo", n=60, extra=()):
+    return ["--set", f"runs_dir={runs_dir}", "--set", f"name={name}", "--set", f"input.demo_size={n}",
+            "--set", "download.samples_per_shard=20", "--set", "write.samples_per_shard=15",
+            "--set", "download.processes=1", "--set", "download.threads=8", "--set", "workers=1", *extra]

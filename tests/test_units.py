@@ -1,0 +1,53 @@
+import duckdb
+import pytest
+
+from filters.base import Batch
+from filters.resolution import ResolutionScorer
+from filters.rules import decision_sql
+from pipeline.config import Rule
+from pipeline.io import atomic_path, safe_member_name
+
+
+def test_resolution_scorer():
+    rows = [{"original_width": 1200, "original_height": 300}, {"original_width": None, "original_height": 5}]
+    out = ResolutionScorer().score(Batch(rows))
+    assert out["shorter_side"] == [300, None]
+    assert out["aspect_ratio"][0] == pytest.approx(4.0)
+    assert out["megapixels"][0] == pytest.approx(0.36)
+
+
+def test_first_failing_rule_is_recorded():
+    con = duckdb.connect()
+    con.execute("""CREATE VIEW samples AS SELECT * FROM (VALUES
+        ('a', 'success', NULL, 'ok', NULL, 100, 1.0),
+        ('b', 'success', NULL, 'ok', NULL, 100, 5.0),
+        ('c', 'success', NULL, 'ok', NULL, 900, 5.0),
+        ('d', 'success', NULL, 'ok', NULL, 900, 1.0),
+        ('e', 'failed_to_download', 'HTTP 404', NULL, NULL, NULL, NULL),
+        ('f', 'success', NULL, 'failed', 'decode: truncated', NULL, NULL),
+        ('g', 'success', NULL, 'ok', NULL, NULL, 1.0))
+        t(key, status, error_message, score_status, score_error, shorter_side, aspect_ratio)""")
+    rules = [Rule(name="size", keep="shorter_side >= 256"), Rule(name="aspect", keep="aspect_ratio <= 3")]
+    got = {r[0]: r[1:] for r in con.execute(decision_sql(rules)).fetchall()}
+    assert got["a"] == ("dropped", "size", None, None)
+    assert got["b"] == ("dropped", "size", None, None)  # first rule wins
+    assert got["c"] == ("dropped", "aspect", None, None)
+    assert got["d"] == ("selected", None, None, None)
+    assert got["e"] == ("failed", None, "HTTP 404", "download")
+    assert got["f"] == ("failed", None, "decode: truncated", "score")
+    assert got["g"] == ("dropped", "size", None, None)  # NULL counts as not kept
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "x.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name,ok", [("0001.jpg", True), ("a/b.jpg", True), ("../x.jpg", False),
+                                     ("/etc/passwd", False), ("a/../../x", False), ("", False)])
+def test_safe_member_name(name, ok):
+    assert (safe_member_name(name) is not None) == ok
