@@ -37,3 +37,6 @@ lint: setup
 
 clean:
 	rm -rf runs bench/out
+
+weights: setup
+	HF_HUB_OFFLINE=0 $(VENV)/bin/curate weights --config $(CONFIG) --all

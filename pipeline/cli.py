@@ -17,10 +17,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.download import InputError
     from pipeline.executors import ShardFailure
     from pipeline.funnel import AccountingError
+    from pipeline.models import WeightsMismatchError, WeightsMissingError
     from pipeline.runfolder import RunFolderError
     from pipeline.selection import StageOrderError
 
-    return (ConfigError, InputError, RunFolderError, RuleError, StageOrderError, AccountingError, ShardFailure)
+    return (ConfigError, InputError, RunFolderError, RuleError, StageOrderError, AccountingError, ShardFailure,
+            WeightsMissingError, WeightsMismatchError)
 
 
 def _config(args):
@@ -161,6 +163,23 @@ def cmd_run(args) -> dict:
     return {"written": f["written"]}
 
 
+def cmd_weights(args) -> dict:
+    """Fetch every real weight the config needs (or all of MODELS.md with --all)."""
+    from pipeline.models import WEIGHT_FILES, fetch_all, needed_weights
+
+    cfg = _config(args)
+    scfg = cfg.score.model_copy(deep=True)
+    scfg.models.preset = "real"
+    if args.all:
+        clips = sorted({scfg.models.aesthetic_clip, scfg.models.similarity_clip, "ViT-L-14/openai", "ViT-B-32/openai"})
+        heads = list(WEIGHT_FILES.values())
+    else:
+        clips, heads = needed_weights(scfg)
+    paths = fetch_all(scfg.models, clips, heads)
+    _summary("weights", list(paths.items()))
+    return paths
+
+
 def _run_dir(args) -> Path:
     if getattr(args, "run", None):
         run = Path(args.run)
@@ -250,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext)
         _common(sp)
         sp.set_defaults(fn=fn)
+    sp = sub.add_parser("weights", help="download the real model weights into the cache (needs internet)")
+    _common(sp, urls=False)
+    sp.add_argument("--all", action="store_true", help="every model of MODELS.md, not just the config's")
+    sp.set_defaults(fn=cmd_weights)
     sp = sub.add_parser("funnel", help="count written / dropped / failed samples of a run")
     _common(sp, urls=False)
     sp.add_argument("--run", help="run folder (default: from the config)")

@@ -77,7 +77,8 @@ class ScoreConfig(_Strict):
         default_factory=lambda: ["resolution"]
     )
     batch_size: int = Field(32, ge=1)
-    decode_workers: int = Field(1, ge=0)
+    # DataLoader processes decoding ahead of the models (per scoring process); 0: in-process
+    decode_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_embeddings: bool = True
     models: ModelsConfig = Field(default_factory=ModelsConfig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,20 +59,55 @@ def score_shard(run_dir: str, scfg_json: str, shard: int) -> dict[str, int]:
     meta = pq.read_table(src_parquet)
     rows = [r for r in meta.to_pylist() if r["status"] == "success"]
     rows.sort(key=lambda r: r["key"])
-    columns, provenance = ShardScorer.for_config(scfg).score_rows(rows, src_tar)
+    scorer = ShardScorer.for_config(scfg)
+    columns, embeddings, provenance = scorer.score_rows(rows, src_tar)
     table = pa.table(columns)
     info = {"source_stamp": stamp, "settings": settings, "provenance": provenance}
+    if embeddings is not None:  # written before the parquet, which marks the shard done
+        info["embeddings"] = {"file": f"embeddings/{name}.npy", "model": provenance_model(scorer),
+                              "dtype": "float16", "normalised": True, "shape": list(embeddings.shape)}
+        save_npy(run / "scores" / "embeddings" / f"{name}.npy", embeddings)
     table = table.replace_schema_metadata({META_KEY: json.dumps(info).encode()})
     write_parquet(out, table)
     n_failed = sum(1 for s in columns["score_status"] if s != "ok")
     return {"skipped": 0, "scored": len(rows) - n_failed, "failed": n_failed}
 
 
+def provenance_model(scorer) -> str:
+    return ("tiny:" if scorer.bank.tiny() else "") + scorer.embedding_clip
+
+
+def save_npy(path: Path, array) -> None:
+    import numpy as np
+
+    from pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)  # processes x threads = cores, no oversubscription
+
+
 def score_stage(cfg: RunConfig, run_dir: Path, shards: list[int]) -> dict[str, int]:
     from pipeline.executors import map_shards
+    from pipeline.models import preflight
 
+    preflight(cfg.score)
     fn = partial(score_shard, str(run_dir), cfg.score.model_dump_json())
-    res = map_shards(fn, shards, workers=cfg.workers, executor=cfg.executor, desc="score")
+    workers = cfg.workers
+    if any(s != "resolution" for s in cfg.score.scorers):
+        from filters.models import pick_device
+
+        if pick_device(cfg.score.device) == "cuda":
+            workers = 1  # one process feeds the GPU; decoding runs in its DataLoader workers
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    res = map_shards(fn, shards, workers=workers, executor=cfg.executor, desc="score",
+                     initializer=_init_worker, initargs=(threads,))
     res.raise_if_failed("score")
     total = {"skipped": 0, "scored": 0, "failed": 0}
     for r in res.results.values():
