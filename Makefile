@@ -40,3 +40,6 @@ clean:
 
 weights: setup
 	HF_HUB_OFFLINE=0 $(VENV)/bin/curate weights --config $(CONFIG) --all
+
+bench: setup
+	$(PY) bench/run.py
