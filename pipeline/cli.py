@@ -20,9 +20,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.models import WeightsMismatchError, WeightsMissingError
     from pipeline.runfolder import RunFolderError
     from pipeline.selection import StageOrderError
+    from pipeline.verify import VerifyError
 
     return (ConfigError, InputError, RunFolderError, RuleError, StageOrderError, AccountingError, ShardFailure,
-            WeightsMissingError, WeightsMismatchError)
+            WeightsMissingError, WeightsMismatchError, VerifyError)
 
 
 def _config(args):
@@ -153,6 +154,10 @@ def cmd_run(args) -> dict:
     refresh_catalog(run)
     f = funnel(run)
     _print_funnel(f)
+    from pipeline.verify import check_run
+
+    check_run(run)
+    log.info("verify: %s is consistent (shards, parquet, manifest, accounting)", run)
     _summary(f"run {run}", [
         ("downloaded ok / failed", f"{d['success']} / {d['failed']}"),
         ("scored / failed / skipped shards", f"{s['scored']} / {s['failed']} / {s['skipped']}"),
@@ -178,6 +183,15 @@ def cmd_weights(args) -> dict:
     paths = fetch_all(scfg.models, clips, heads)
     _summary("weights", list(paths.items()))
     return paths
+
+
+def cmd_verify(args) -> dict:
+    from pipeline.verify import check_run
+
+    run = Path(args.run_dir) if args.run_dir else _config(args).run_dir
+    check_run(run)
+    log.info("verify: %s is consistent (shards, parquet, manifest, accounting)", run)
+    return {}
 
 
 def _run_dir(args) -> Path:
@@ -273,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sp, urls=False)
     sp.add_argument("--all", action="store_true", help="every model of MODELS.md, not just the config's")
     sp.set_defaults(fn=cmd_weights)
+    sp = sub.add_parser("verify", help="check every shard against its parquet and the manifest; exit 1 on problems")
+    sp.add_argument("run_dir", nargs="?", help="run folder (default: from the config)")
+    _common(sp, urls=False)
+    sp.set_defaults(fn=cmd_verify)
     sp = sub.add_parser("funnel", help="count written / dropped / failed samples of a run")
     _common(sp, urls=False)
     sp.add_argument("--run", help="run folder (default: from the config)")
@@ -308,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except _user_errors() as e:
         log.error("%s", e)
-        return 2 if not type(e).__name__ == "ShardFailure" else 1
+        return 1 if type(e).__name__ in ("ShardFailure", "VerifyError") else 2
     except KeyboardInterrupt:
         log.error("interrupted; finished shards are kept, rerun the same command to resume")
         return 130

@@ -145,3 +145,20 @@ def test_changed_rules_rewrite_only_what_changed(demo_run, tmp_path):
     assert len(keys) == n_sel
     # back to the config's rules: same shards as the first run
     curate("run", *small_demo_args(run.parent))
+
+
+def test_verify_passes_then_finds_tampering(demo_run):
+    run, _ = demo_run
+    curate("verify", run)
+    tar = run / "selected" / "00001.tar"
+    original = tar.read_bytes()
+    try:
+        import shutil
+
+        shutil.copy(run / "selected" / "00000.tar", tar)  # a duplicated shard
+        r = curate("verify", run, check=False)
+        assert r.returncode == 1
+        assert "sha256 differs" in r.stderr and "more than once across shards" in r.stderr
+    finally:
+        tar.write_bytes(original)
+    curate("verify", run)
