@@ -65,12 +65,11 @@ def step_download(n: int, workers: int, bare: bool) -> dict:
 
 def _decode_only_shard(run_dir: str, shard: int) -> int:
     """Baseline: read the tar, decode every image and build the same input tensors, no models."""
+    import open_clip
     import pyarrow.parquet as pq
 
     from pipeline.decode import decode_image
     from pipeline.models import OPENAI_MEAN, OPENAI_STD, watermark_transform
-
-    import open_clip
 
     clip_t = open_clip.image_transform(224, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
     wm_t = watermark_transform()
