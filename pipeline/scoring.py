@@ -76,8 +76,8 @@ class ShardScorer:
                 if self.embedding_clip and self.cfg.save_embeddings:
                     emb = self.bank.image_embedding(self.embedding_clip, b).numpy().astype(np.float16)
                     embeddings.update({r["key"]: emb[j] for j, r in enumerate(ok_rows)})
-            for r in errors and [r for r in batch_rows if r["key"] in errors] or []:
-                results[r["key"]] = {"score_status": "failed", "score_error": errors[r["key"]]}
+            for key, err in errors.items():
+                results[key] = {"score_status": "failed", "score_error": err}
             for j, r in enumerate(ok_rows):
                 results[r["key"]] = {"score_status": "ok", "score_error": None,
                                      **{c: values[c][j] for c in self.columns}}

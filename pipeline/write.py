@@ -121,9 +121,9 @@ def write_stage(cfg: RunConfig, run_dir: Path, extra_manifest: dict | None = Non
 
         raise StageOrderError("no selection in this run; run `curate select` first")
     plan = plan_shards(run_dir, cfg.write.samples_per_shard)
-    items = list(range(len(plan)))
-    fn = partial(_write_planned, str(run_dir), cfg.write.samples_per_shard)
-    res = map_shards(fn, items, workers=cfg.workers, executor=cfg.executor, desc="write")
+    items = [(i, tuple(keys)) for i, keys in enumerate(plan)]
+    res = map_shards(partial(_write_planned, str(run_dir)), items, workers=cfg.workers,
+                     executor=cfg.executor, desc="write")
     res.raise_if_failed("write")
     for stale in shard_ids(run_dir / "selected", ".parquet"):
         if stale >= len(plan):
@@ -144,7 +144,6 @@ def write_stage(cfg: RunConfig, run_dir: Path, extra_manifest: dict | None = Non
             "skipped": sum(1 for e in entries if e["skipped"])}
 
 
-def _write_planned(run_dir: str, per_shard: int, shard: int) -> dict[str, Any]:
-    # workers re-derive their keys from the decisions file: nothing big crosses processes
-    keys = plan_shards(Path(run_dir), per_shard)[shard]
-    return write_shard(run_dir, shard, keys)
+def _write_planned(run_dir: str, item: tuple[int, tuple[str, ...]]) -> dict[str, Any]:
+    shard, keys = item
+    return write_shard(run_dir, shard, list(keys))
