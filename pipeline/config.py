@@ -119,7 +119,7 @@ class WriteConfig(_Strict):
 class RunConfig(_Strict):
     name: str = "demo"
     runs_dir: str = "runs"
-    executor: Literal["local", "ray"] = "local"
+    executor: Literal["local"] = "local"  # "ray" comes with the Ray executor
     workers: int = Field(2, ge=1)
     input: InputConfig = Field(default_factory=InputConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
