@@ -10,7 +10,9 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 CURATE_ARGS = --config $(CONFIG) $(if $(URLS),--urls $(URLS)) $(foreach s,$(SET),--set $(s))
 
-.PHONY: setup filter test test-all bench weights query lint clean
+MODEL  ?=
+
+.PHONY: setup filter eval test test-all bench weights query lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +24,11 @@ $(VENV)/.installed: pyproject.toml
 
 filter: setup
 	$(VENV)/bin/curate run $(CURATE_ARGS)
+
+# With no MODEL: the tiny random pipeline against the demo's curated shards (runs `filter` first if needed).
+eval: setup
+	test -f runs/$(CONFIG)/selected/manifest.json || [ "$(CONFIG)" != demo ] || $(MAKE) filter
+	$(VENV)/bin/curate eval --config $(CONFIG) $(if $(MODEL),--model $(MODEL)) $(foreach s,$(SET),--set $(s))
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -12,6 +12,9 @@ log = logging.getLogger("curate")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from eval.judges import LabelsError
+    from eval.metrics import ProtocolMismatchError
+    from eval.suites import SuiteError
     from filters.rules import RuleError
     from pipeline.config import ConfigError
     from pipeline.download import InputError
@@ -23,7 +26,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.verify import VerifyError
 
     return (ConfigError, InputError, RunFolderError, RuleError, StageOrderError, AccountingError, ShardFailure,
-            WeightsMissingError, WeightsMismatchError, VerifyError)
+            WeightsMissingError, WeightsMismatchError, VerifyError, SuiteError, LabelsError, ProtocolMismatchError)
 
 
 def _config(args):
@@ -32,6 +35,8 @@ def _config(args):
     overrides = list(args.set or [])
     if getattr(args, "urls", None):
         overrides.append(f"input.urls={args.urls}")
+    if getattr(args, "model", None):
+        overrides.append(f"eval.model={args.model}")
     return load_config(args.config, overrides)
 
 
@@ -185,6 +190,55 @@ def cmd_weights(args) -> dict:
     return paths
 
 
+def _eval_dir(cfg) -> Path:
+    tag = cfg.eval.tag or "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.eval.model.strip("/"))
+    return cfg.run_dir / "eval" / tag
+
+
+def cmd_eval(args) -> dict:
+    """Sample the model over the prompt suites, measure, and write the report."""
+    from eval.measure import measure
+    from eval.report import build_report
+    from eval.sampler import sample
+    from eval.suites import load_suites
+    from pipeline.catalog import refresh_catalog
+
+    cfg = _config(args)
+    if cfg.eval.reference == "run" and not (cfg.run_dir / "selected" / "manifest.json").exists():
+        from pipeline.selection import StageOrderError
+
+        raise StageOrderError(f"eval.reference=run but {cfg.run_dir} has no curated shards: run `make filter` "
+                              f"(curate run --config {args.config}) first, or set eval.reference to a folder")
+    out = _eval_dir(cfg)
+    prompts = load_suites(cfg.eval.suites, cfg.eval.max_prompts_per_suite)
+    t = time.perf_counter()
+    sample(cfg.eval, prompts, out)
+    t_sample = time.perf_counter() - t
+    t = time.perf_counter()
+    m = measure(cfg, cfg.run_dir, out)
+    t_measure = time.perf_counter() - t
+    html_path, _ = build_report(out)
+    refresh_catalog(cfg.run_dir)
+    rows = [("images", m["n_images"]), ("FID", f"{m['fid']:.2f} ({m['fid_protocol']['feature']})"),
+            ("KID", f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}"), ("CLIP score", f"{m['clip_score']:.2f}")]
+    rows += [(f"failure {f['category']} / {f['judge']}", f"{f['rate']:.2f} [{f['ci_low']:.2f}, {f['ci_high']:.2f}]")
+             for f in m["failures"] if f["n"]]
+    if m["bias"]:
+        rows.append(("gender MAD / skin-tone MAD", f"{m['bias']['gender_mad']} / {m['bias']['skin_tone_mad']}"))
+    rows += [("sample seconds", f"{t_sample:.1f}"), ("measure seconds", f"{t_measure:.1f}"), ("report", html_path)]
+    _summary("eval" + (" (TINY RANDOM PIPELINE: numbers not meaningful)" if m["tiny_model"] else ""), rows)
+    return m
+
+
+def cmd_report(args) -> dict:
+    from eval.report import build_report
+
+    cfg = _config(args)
+    paths = build_report(Path(args.eval_dir) if args.eval_dir else _eval_dir(cfg))
+    log.info("report: %s, %s", *paths)
+    return {}
+
+
 def cmd_verify(args) -> dict:
     from pipeline.verify import check_run
 
@@ -287,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sp, urls=False)
     sp.add_argument("--all", action="store_true", help="every model of MODELS.md, not just the config's")
     sp.set_defaults(fn=cmd_weights)
+    sp = sub.add_parser("eval", help="sample a text-to-image model over prompt suites, measure, report")
+    _common(sp, urls=False)
+    sp.add_argument("--model", help="diffusers hub id or folder (same as --set eval.model=...); default tiny")
+    sp.set_defaults(fn=cmd_eval)
+    sp = sub.add_parser("report", help="rebuild report.html / report.md from saved eval files")
+    sp.add_argument("eval_dir", nargs="?", help="runs/<name>/eval/<tag> (default: from the config)")
+    _common(sp, urls=False)
+    sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("verify", help="check every shard against its parquet and the manifest; exit 1 on problems")
     sp.add_argument("run_dir", nargs="?", help="run folder (default: from the config)")
     _common(sp, urls=False)
@@ -310,13 +372,21 @@ def setup_logging(verbose: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
+    level = logging.DEBUG if verbose else logging.INFO
+    # third-party INFO chatter (open_clip logs through the root logger) stays quiet unless -v
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level if verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
     )
-    for noisy in ("urllib3", "PIL", "filelock", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for ours in ("curate", "pipeline", "filters", "eval"):
+        logging.getLogger(ours).setLevel(level)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+    except ImportError:
+        log.debug("diffusers not installed; eval is unavailable")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,6 +116,35 @@ class WriteConfig(_Strict):
     samples_per_shard: int = Field(200, ge=1)
 
 
+class EvalConfig(_Strict):
+    # "tiny": a random pipeline built in code (offline, numbers not meaningful);
+    # otherwise a diffusers hub id or a local folder.
+    model: str = "tiny"
+    tag: str | None = None  # folder name under eval/; default derived from model
+    suites: list[str] = Field(default_factory=lambda: ["people", "horses", "occupations", "general"])
+    max_prompts_per_suite: int | None = Field(None, ge=1)
+    samples_per_prompt: int = Field(2, ge=1)
+    steps: int = Field(25, ge=1)
+    guidance: float = Field(7.5, ge=0)
+    height: int = Field(512, ge=8)
+    width: int = Field(512, ge=8)
+    scheduler: str | None = None  # a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler
+    batch_size: int = Field(4, ge=1)
+    seed: int = 0
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # reference set for FID/KID: "run" (this run's curated shards), a folder of images, or a .tar glob
+    reference: str = "run"
+    max_reference: int = Field(5000, ge=2)
+    inception_weights: str | None = None  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
+    fid_antialias: bool = False  # False: comparable with pytorch-fid / torch-fidelity
+    feature_clip: str = "ViT-L-14/openai"  # CLIP features for FID when no Inception weights
+    clip_score_model: str = "ViT-L-14/openai"
+    labels: str | None = None  # csv: image_id, category, failed (yes/no)
+    judges: list[Literal["clip_contrast", "probe"]] = Field(default_factory=lambda: ["clip_contrast", "probe"])
+    bias_reference: str | None = None  # csv: occupation, attribute, value, share
+
+
 class RunConfig(_Strict):
     name: str = "demo"
     runs_dir: str = "runs"
@@ -126,6 +155,7 @@ class RunConfig(_Strict):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -144,6 +174,7 @@ class RunConfig(_Strict):
         # Selection and writing can be changed and rerun in the same folder.
         d.pop("select")
         d.pop("write")
+        d.pop("eval")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

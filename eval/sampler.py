@@ -1,0 +1,161 @@
+"""Sample a diffusers text-to-image pipeline over prompts into PNG files + one parquet row each.
+
+Each image has its own CPU generator seeded from (seed, prompt id, sample
+index), so images do not depend on batch size or order. Finished images are
+skipped on a rerun; each PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import EvalConfig
+from pipeline.io import atomic_path, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def image_seed(seed: int, prompt_id: str, index: int) -> int:
+    h = hashlib.sha256(f"{seed}:{prompt_id}:{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def _tiny_tokenizer():
+    """A CLIPTokenizer from a character-level vocab written here (no hub)."""
+    from transformers import CLIPTokenizer
+
+    d = Path(tempfile.mkdtemp(prefix="tiny-tok-"))
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
+    for c in map(chr, range(33, 127)):
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+
+
+def tiny_pipeline():
+    """A random Stable Diffusion pipeline at toy size (diffusers' own test recipe), seeded."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        cross_attention_dim=8, norm_num_groups=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    vae = AutoencoderKL(
+        block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+    text = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=8, intermediate_size=16,
+        num_attention_heads=2, num_hidden_layers=2, vocab_size=256, layer_norm_eps=1e-5))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=_tiny_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def resolve_device_dtype(ecfg: EvalConfig):
+    import torch
+
+    device = ecfg.device if ecfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if ecfg.dtype == "auto":
+        dtype = torch.float16 if device == "cuda" else torch.float32
+    else:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[ecfg.dtype]
+    return device, dtype
+
+
+def load_pipeline(ecfg: EvalConfig):
+    """``(pipeline, description)``: the tiny pipeline, or any diffusers text-to-image checkpoint."""
+    device, dtype = resolve_device_dtype(ecfg)
+    if ecfg.model == "tiny":
+        pipe = tiny_pipeline()
+    else:
+        from diffusers import AutoPipelineForText2Image
+
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(ecfg.model, torch_dtype=dtype)
+        except OSError as e:
+            from pipeline.models import WeightsMissingError
+
+            raise WeightsMissingError(
+                f"eval.model {ecfg.model!r}: cannot load the pipeline ({e}). Give a local folder saved with "
+                f"save_pretrained, or a hub id on a machine with internet (unset HF_HUB_OFFLINE)") from None
+    if ecfg.scheduler:
+        import diffusers
+
+        cls = getattr(diffusers, ecfg.scheduler, None)
+        if cls is None:
+            raise ValueError(f"eval.scheduler {ecfg.scheduler!r}: not a diffusers scheduler class")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe = pipe.to(device, dtype) if ecfg.model == "tiny" else pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, device, dtype
+
+
+def plan_images(prompts: list[dict], ecfg: EvalConfig) -> list[dict[str, Any]]:
+    out = []
+    for p in prompts:
+        for i in range(ecfg.samples_per_prompt):
+            out.append({"image_id": f"{p['id']}_{i}", "prompt_id": p["id"], "sample_index": i,
+                        "category": p["category"], "prompt": p["prompt"], "seed": image_seed(ecfg.seed, p["id"], i),
+                        "occupation": p.get("occupation")})
+    return out
+
+
+def sample(ecfg: EvalConfig, prompts: list[dict], out_dir: Path) -> Path:
+    """Generate every planned image not already on disk; write ``eval_images.parquet``; return it."""
+    import pyarrow as pa
+    import torch
+    from tqdm import tqdm
+
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_images(prompts, ecfg)
+    meta_path = out_dir / "eval_images.parquet"
+    old = {}
+    if meta_path.exists():
+        import pyarrow.parquet as pq
+
+        old = {r["image_id"]: r for r in pq.read_table(meta_path).to_pylist()}
+    todo = [r for r in plan if not (images_dir / f"{r['image_id']}.png").exists() or r["image_id"] not in old]
+    rows = {k: v for k, v in old.items() if (images_dir / f"{k}.png").exists()}
+    if todo:
+        pipe, device, dtype = load_pipeline(ecfg)
+        model = ecfg.model
+        sched = type(pipe.scheduler).__name__
+        with tqdm(total=len(todo), desc="sample", unit="img") as bar:
+            for i in range(0, len(todo), ecfg.batch_size):
+                batch = todo[i : i + ecfg.batch_size]
+                gens = [torch.Generator("cpu").manual_seed(r["seed"]) for r in batch]
+                t = time.perf_counter()
+                out = pipe([r["prompt"] for r in batch], num_inference_steps=ecfg.steps,
+                           guidance_scale=ecfg.guidance, height=ecfg.height, width=ecfg.width,
+                           generator=gens, output_type="pil")
+                per = (time.perf_counter() - t) / len(batch)
+                for r, img in zip(batch, out.images, strict=True):
+                    with atomic_path(images_dir / f"{r['image_id']}.png") as tmp:
+                        img.save(tmp, format="PNG")
+                    rows[r["image_id"]] = {
+                        **r, "file": f"images/{r['image_id']}.png", "model": model, "scheduler": sched,
+                        "steps": ecfg.steps, "guidance": ecfg.guidance, "dtype": str(dtype).replace("torch.", ""),
+                        "device": device, "height": ecfg.height, "width": ecfg.width, "seconds": per,
+                        "tiny_model": model == "tiny"}
+                bar.update(len(batch))
+                # keep the table current, so a killed run loses at most one batch of metadata
+                write_parquet(meta_path, pa.Table.from_pylist([rows[k] for k in sorted(rows)]))
+    planned = {r["image_id"] for r in plan}
+    write_parquet(meta_path, pa.Table.from_pylist([rows[k] for k in sorted(rows) if k in planned]))
+    return meta_path
