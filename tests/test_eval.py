@@ -158,15 +158,19 @@ def test_sampler_is_independent_of_batch_size(tmp_path):
 
     prompts = [{"id": "p0", "category": "general", "prompt": "a red cube"},
                {"id": "p1", "category": "general", "prompt": "a horse"}]
+    from PIL import Image
+
     outs = []
     for bs in (1, 3):
         cfg = EvalConfig(height=32, width=32, steps=2, samples_per_prompt=2, batch_size=bs)
         meta = sample(cfg, prompts, tmp_path / f"b{bs}")
-        outs.append({r: (tmp_path / f"b{bs}" / "images" / f"{r}.png").read_bytes()
+        outs.append({r: np.asarray(Image.open(tmp_path / f"b{bs}" / "images" / f"{r}.png")).astype(int)
                      for r in ("p0_0", "p0_1", "p1_0", "p1_1")})
         assert meta.exists()
-    assert outs[0] == outs[1]
-    assert outs[0]["p0_0"] != outs[0]["p0_1"]  # different seeds per sample index
+    for k in outs[0]:
+        # same generator per image: equal up to one 8-bit level (float rounding in batched kernels)
+        assert np.abs(outs[0][k] - outs[1][k]).max() <= 1
+    assert np.abs(outs[0]["p0_0"] - outs[0]["p0_1"]).max() > 50  # different seeds per sample index
 
 
 def test_suite_loaders_on_public_files(shared):
