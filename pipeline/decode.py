@@ -1,7 +1,7 @@
 """Decode each image of a shard once and build every model's input tensor from it.
 
 A torch ``IterableDataset`` reads the tar, decodes with JPEG draft mode to the
-largest size any model needs, applies EXIF orientation, and applies each
+largest size any model needs, and applies each
 model's transform. With ``decode_workers > 0`` a DataLoader runs it in worker
 processes ahead of the models. Samples that fail to decode come back as
 errors, never dropped.
@@ -10,6 +10,7 @@ errors, never dropped.
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,14 +18,21 @@ from typing import Any
 
 import torch.utils.data as tud
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff"}
 DRAFT_SIZE = 256  # the largest input any of our models takes (watermark: 256x256)
 MAX_PIXELS = 16_000 * 16_000  # beyond this a declared size is treated as a decompression bomb
 
 
 def decode_image(data: bytes, draft: int = DRAFT_SIZE):
-    """Bytes -> RGB PIL image (EXIF-rotated, JPEG-drafted to >= ``draft`` px); raises on bad data."""
-    from PIL import Image, ImageOps
+    """Bytes -> RGB PIL image (JPEG-drafted to >= ``draft`` px); raises on bad data.
+
+    EXIF orientation is deliberately not applied: img2dataset reports sizes of the
+    stored pixel grid (and its re-encode drops the tag), so every stage sees the
+    same grid and the same width/height.
+    """
+    from PIL import Image
 
     img = Image.open(io.BytesIO(data))
     if img.width * img.height > MAX_PIXELS:
@@ -32,7 +40,6 @@ def decode_image(data: bytes, draft: int = DRAFT_SIZE):
     if img.format == "JPEG":
         img.draft("RGB", (draft, draft))  # decode at 1/2, 1/4 or 1/8 scale when that is still large enough
     img.load()
-    img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":
         if img.mode in ("RGBA", "LA", "P", "PA"):
             img = img.convert("RGBA")
@@ -55,14 +62,19 @@ class TarImages(tud.IterableDataset):
         n, i = (wi.num_workers, wi.id) if wi else (1, 0)
         seen = 0
         with tarfile.open(self.tar_path) as tf:
-            for m in tf:
-                key, _, ext = m.name.partition(".")
-                if not m.isfile() or key not in self.keys or ext.lower() not in IMAGE_EXTS:
-                    continue
-                seen += 1
-                if (seen - 1) % n != i:
-                    continue
-                yield self._one(key, tf.extractfile(m).read())
+            try:
+                for m in tf:
+                    key, _, ext = m.name.partition(".")
+                    if not m.isfile() or key not in self.keys or ext.lower() not in IMAGE_EXTS:
+                        continue
+                    seen += 1
+                    if (seen - 1) % n != i:
+                        continue
+                    yield self._one(key, tf.extractfile(m).read())
+            except (tarfile.ReadError, EOFError, OSError) as e:
+                # a truncated tar: what was read is scored, the rest is recorded as missing
+                log.warning("%s: tar ends early (%s); the remaining samples are recorded as failed",
+                            self.tar_path, e)
 
     def _one(self, key: str, data: bytes):
         try:
@@ -101,4 +113,5 @@ def iter_decoded_batches(rows: list[dict], tar_path: Path, scorers, cfg):
         yield [by_key[k] for k in keys], inputs, errors
     missing = [k for k in sorted(by_key) if k not in seen]
     if missing:
-        yield [by_key[k] for k in missing], {}, {k: "decode: image missing from the download tar" for k in missing}
+        yield [by_key[k] for k in missing], {}, {k: "decode: image missing from the download tar (truncated or damaged tar?)"
+                                                  for k in missing}

@@ -81,13 +81,10 @@ def read_url_list(path: Path, icfg: InputConfig):
             f"{path}: expected a URL column {icfg.url_col!r} (set input.url_col); "
             f"found columns {cols}"
         )
-    if not pa.types.is_string(table.schema.field(icfg.url_col).type) and not pa.types.is_large_string(
-        table.schema.field(icfg.url_col).type
-    ):
-        raise InputError(
-            f"{path}: URL column {icfg.url_col!r} must hold strings, got "
-            f"{table.schema.field(icfg.url_col).type}"
-        )
+    table = _repair_utf8(table, icfg.url_col, path)
+    url_type = table.schema.field(icfg.url_col).type
+    if not (pa.types.is_string(url_type) or pa.types.is_large_string(url_type) or pa.types.is_null(url_type)):
+        raise InputError(f"{path}: URL column {icfg.url_col!r} must hold strings, got {url_type}")
     if icfg.caption_col is not None and icfg.caption_col not in cols:
         raise InputError(
             f"{path}: expected a caption column {icfg.caption_col!r} (set input.caption_col, "
@@ -96,12 +93,37 @@ def read_url_list(path: Path, icfg: InputConfig):
     if table.num_rows == 0:
         raise InputError(f"{path}: the URL list is empty (0 rows)")
     if icfg.caption_col is not None:
+        table = _repair_utf8(table, icfg.caption_col, path)
         cap = table[icfg.caption_col]
         if not pa.types.is_string(cap.type):
-            table = table.set_column(
-                cols.index(icfg.caption_col), icfg.caption_col, cap.cast(pa.string())
-            )
+            table = table.set_column(table.column_names.index(icfg.caption_col), icfg.caption_col,
+                                     cap.cast(pa.string()))
     return table
+
+
+def _repair_utf8(table, col: str, path: Path):
+    """Binary text (a CSV cell that is not valid UTF-8) -> strings with U+FFFD; count and warn."""
+    import pyarrow as pa
+
+    field = table.schema.field(col)
+    if not (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)):
+        return table
+    values = table[col].to_pylist()
+    bad = 0
+    fixed = []
+    for v in values:
+        if v is None:
+            fixed.append(None)
+            continue
+        try:
+            fixed.append(v.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad += 1
+            fixed.append(v.decode("utf-8", errors="replace"))
+    if bad:
+        log.warning("%s: %d value(s) of column %r are not valid UTF-8; invalid bytes replaced by U+FFFD",
+                    path, bad, col)
+    return table.set_column(table.column_names.index(col), col, pa.array(fixed, type=pa.string()))
 
 
 def normalise_input(table, icfg: InputConfig):

@@ -57,14 +57,17 @@ def _read_members(tar_path: Path, wanted: set[str]) -> dict[str, list[tuple[str,
     """Members of ``wanted`` keys from one source tar, json excluded (it is rebuilt)."""
     found: dict[str, list[tuple[str, bytes]]] = {}
     with tarfile.open(tar_path) as tf:
-        for m in tf:
-            name = safe_member_name(m.name)
-            if name is None or not m.isfile():
-                log.warning("%s: skipping unsafe or non-file member %r", tar_path, m.name)
-                continue
-            key, _, ext = name.partition(".")
-            if key in wanted and ext != "json":
-                found.setdefault(key, []).append((ext, tf.extractfile(m).read()))
+        try:
+            for m in tf:
+                name = safe_member_name(m.name)
+                if name is None or not m.isfile():
+                    log.warning("%s: skipping unsafe or non-file member %r", tar_path, m.name)
+                    continue
+                key, _, ext = name.partition(".")
+                if key in wanted and ext != "json":
+                    found.setdefault(key, []).append((ext, tf.extractfile(m).read()))
+        except (tarfile.ReadError, EOFError, OSError) as e:  # truncated: keep what was read
+            log.warning("%s: tar ends early (%s)", tar_path, e)
     return found
 
 
