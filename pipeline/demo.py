@@ -172,14 +172,25 @@ class _DemoHandler(http.server.SimpleHTTPRequestHandler):
         log.debug("demo server: " + format, *args)
 
 
+def _preferred_port(folder: Path) -> int:
+    # stable per folder, so the demo's URLs (and the shards' metadata) are identical across runs
+    import zlib
+
+    return 20000 + zlib.crc32(str(Path(folder).resolve()).encode()) % 20000
+
+
 @contextlib.contextmanager
-def serve_folder(folder: Path, handler=_DemoHandler) -> Iterator[str]:
-    """Serve ``folder`` on 127.0.0.1 at a free port; yield the base URL."""
+def serve_folder(folder: Path, handler=_DemoHandler, port: int | None = None) -> Iterator[str]:
+    """Serve ``folder`` on 127.0.0.1 (``port``, else any free port); yield the base URL."""
 
     def make(*a, **kw):
         return handler(*a, directory=str(folder), **kw)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port or 0), make)
+    except OSError as e:
+        log.warning("port %s is taken (%s); serving on a free port, so demo URLs change this run", port, e)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -213,6 +224,6 @@ def url_list(folder: Path, base_url: str) -> Path:
 def serve_demo(folder: Path, n: int = 600) -> Iterator[Path]:
     """Build (if needed) and serve the demo; yield a URL-list parquet for this server."""
     build_demo(folder, n)
-    with serve_folder(folder) as base:
+    with serve_folder(folder, port=_preferred_port(folder)) as base:
         log.info("demo server on %s", base)
         yield url_list(folder, base)
