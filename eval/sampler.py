@@ -115,10 +115,52 @@ def plan_images(prompts: list[dict], ecfg: EvalConfig) -> list[dict[str, Any]]:
     return out
 
 
-def sample(ecfg: EvalConfig, prompts: list[dict], out_dir: Path) -> Path:
-    """Generate every planned image not already on disk; write ``eval_images.parquet``; return it."""
-    import pyarrow as pa
+_PIPE: dict[str, Any] = {}  # one pipeline per worker process
+
+
+def _generate(ecfg: EvalConfig, batch: list[dict], images_dir: Path) -> list[dict]:
+    """Generate one batch with one generator per image; write PNGs; return metadata rows."""
     import torch
+
+    key = ecfg.model_dump_json()
+    if key not in _PIPE:
+        _PIPE.clear()
+        _PIPE[key] = load_pipeline(ecfg)
+    pipe, device, dtype = _PIPE[key]
+    gens = [torch.Generator("cpu").manual_seed(r["seed"]) for r in batch]
+    t = time.perf_counter()
+    out = pipe([r["prompt"] for r in batch], num_inference_steps=ecfg.steps, guidance_scale=ecfg.guidance,
+               height=ecfg.height, width=ecfg.width, generator=gens, output_type="pil")
+    per = (time.perf_counter() - t) / len(batch)
+    rows = []
+    for r, img in zip(batch, out.images, strict=True):
+        with atomic_path(images_dir / f"{r['image_id']}.png") as tmp:
+            img.save(tmp, format="PNG")
+        rows.append({**r, "file": f"images/{r['image_id']}.png", "model": ecfg.model,
+                     "scheduler": type(pipe.scheduler).__name__, "steps": ecfg.steps, "guidance": ecfg.guidance,
+                     "dtype": str(dtype).replace("torch.", ""), "device": device, "height": ecfg.height,
+                     "width": ecfg.width, "seconds": per, "tiny_model": ecfg.model == "tiny"})
+    return rows
+
+
+def _sample_chunk(ecfg_json: str, images_dir: str, item: tuple) -> list[dict]:
+    """A Ray task: generate one chunk of the plan (item = (index, tuple of plan rows as tuples))."""
+    ecfg = EvalConfig.model_validate_json(ecfg_json)
+    plan = [dict(r) for r in item[1]]
+    rows = []
+    for i in range(0, len(plan), ecfg.batch_size):
+        rows += _generate(ecfg, plan[i : i + ecfg.batch_size], Path(images_dir))
+    return rows
+
+
+def sample(ecfg: EvalConfig, prompts: list[dict], out_dir: Path, executor: str = "local", workers: int = 1,
+           ray_cfg=None) -> Path:
+    """Generate every planned image not already on disk; write ``eval_images.parquet``; return it.
+
+    ``executor="ray"`` shards the plan into chunks run as Ray tasks (GPU per task from
+    ``ray.gpus_per_worker``); images are identical either way (one seed per image).
+    """
+    import pyarrow as pa
     from tqdm import tqdm
 
     images_dir = out_dir / "images"
@@ -132,28 +174,25 @@ def sample(ecfg: EvalConfig, prompts: list[dict], out_dir: Path) -> Path:
         old = {r["image_id"]: r for r in pq.read_table(meta_path).to_pylist()}
     todo = [r for r in plan if not (images_dir / f"{r['image_id']}.png").exists() or r["image_id"] not in old]
     rows = {k: v for k, v in old.items() if (images_dir / f"{k}.png").exists()}
-    if todo:
-        pipe, device, dtype = load_pipeline(ecfg)
-        model = ecfg.model
-        sched = type(pipe.scheduler).__name__
+    if todo and executor == "ray":
+        from functools import partial
+
+        from pipeline.executors import map_shards
+
+        n_chunks = max(1, min(len(todo), 2 * workers))
+        chunks = [(i, tuple(tuple(sorted(r.items())) for r in todo[i::n_chunks])) for i in range(n_chunks)]
+        res = map_shards(partial(_sample_chunk, ecfg.model_dump_json(), str(images_dir)), chunks,
+                         workers=workers, executor="ray", desc="sample", ray_cfg=ray_cfg,
+                         gpus=ray_cfg.gpus_per_worker if ray_cfg is not None else 0.0)
+        res.raise_if_failed("sample")
+        for chunk_rows in res.results.values():
+            rows.update({r["image_id"]: r for r in chunk_rows})
+    elif todo:
         with tqdm(total=len(todo), desc="sample", unit="img") as bar:
             for i in range(0, len(todo), ecfg.batch_size):
-                batch = todo[i : i + ecfg.batch_size]
-                gens = [torch.Generator("cpu").manual_seed(r["seed"]) for r in batch]
-                t = time.perf_counter()
-                out = pipe([r["prompt"] for r in batch], num_inference_steps=ecfg.steps,
-                           guidance_scale=ecfg.guidance, height=ecfg.height, width=ecfg.width,
-                           generator=gens, output_type="pil")
-                per = (time.perf_counter() - t) / len(batch)
-                for r, img in zip(batch, out.images, strict=True):
-                    with atomic_path(images_dir / f"{r['image_id']}.png") as tmp:
-                        img.save(tmp, format="PNG")
-                    rows[r["image_id"]] = {
-                        **r, "file": f"images/{r['image_id']}.png", "model": model, "scheduler": sched,
-                        "steps": ecfg.steps, "guidance": ecfg.guidance, "dtype": str(dtype).replace("torch.", ""),
-                        "device": device, "height": ecfg.height, "width": ecfg.width, "seconds": per,
-                        "tiny_model": model == "tiny"}
-                bar.update(len(batch))
+                for r in _generate(ecfg, todo[i : i + ecfg.batch_size], images_dir):
+                    rows[r["image_id"]] = r
+                bar.update(min(ecfg.batch_size, len(todo) - i))
                 # keep the table current, so a killed run loses at most one batch of metadata
                 write_parquet(meta_path, pa.Table.from_pylist([rows[k] for k in sorted(rows)]))
     planned = {r["image_id"] for r in plan}

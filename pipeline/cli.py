@@ -212,7 +212,7 @@ def cmd_eval(args) -> dict:
     out = _eval_dir(cfg)
     prompts = load_suites(cfg.eval.suites, cfg.eval.max_prompts_per_suite)
     t = time.perf_counter()
-    sample(cfg.eval, prompts, out)
+    sample(cfg.eval, prompts, out, executor=cfg.executor, workers=cfg.workers, ray_cfg=cfg.ray)
     t_sample = time.perf_counter() - t
     t = time.perf_counter()
     m = measure(cfg, cfg.run_dir, out)

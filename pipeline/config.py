@@ -145,10 +145,16 @@ class EvalConfig(_Strict):
     bias_reference: str | None = None  # csv: occupation, attribute, value, share
 
 
+class RayConfig(_Strict):
+    address: str | None = None  # an existing cluster ("auto", "ray://host:10001"); None starts a local one
+    num_cpus: int | None = None  # CPUs of a local instance (None: all)
+    gpus_per_worker: float = Field(0.0, ge=0)  # GPUs for each scoring / sampling task; fractions allowed
+
+
 class RunConfig(_Strict):
     name: str = "demo"
     runs_dir: str = "runs"
-    executor: Literal["local"] = "local"  # "ray" comes with the Ray executor
+    executor: Literal["local", "ray"] = "local"
     workers: int = Field(2, ge=1)
     input: InputConfig = Field(default_factory=InputConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
@@ -156,6 +162,7 @@ class RunConfig(_Strict):
     select: SelectConfig = Field(default_factory=SelectConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -175,6 +182,7 @@ class RunConfig(_Strict):
         d.pop("select")
         d.pop("write")
         d.pop("eval")
+        d.pop("ray")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

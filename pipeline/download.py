@@ -195,10 +195,14 @@ def _img2dataset_kwargs(cfg: RunConfig, extras: list[str]) -> dict:
     )
 
 
-def run_img2dataset(url_list: Path, output: Path, kwargs: dict) -> None:
+def run_img2dataset(url_list: Path, output: Path, kwargs: dict, ray_cfg=None) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download as i2d_download
 
+    if kwargs.get("distributor") == "ray":  # img2dataset's Ray distributor needs a connected cluster
+        from pipeline.ray_executor import ensure_ray
+
+        ensure_ray(ray_cfg)
     output.mkdir(parents=True, exist_ok=True)
     # img2dataset prints its own progress to stdout; keep ours on the log.
     i2d_download(url_list=str(url_list), output_folder=str(output), **kwargs)
@@ -223,7 +227,7 @@ def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) ->
     n_rows = pq.read_metadata(input_path).num_rows
     todo = expected_shards(n_rows, cfg.download.samples_per_shard) - len(finished_shards(out))
     if todo > 0:  # img2dataset would skip finished shards too, but only after starting its pool
-        run_img2dataset(input_path, out, _img2dataset_kwargs(cfg, extras))
+        run_img2dataset(input_path, out, _img2dataset_kwargs(cfg, extras), cfg.ray)
     else:
         log.info("download: all %d shards finished already", len(finished_shards(out)))
     return download_summary(out)

@@ -1,7 +1,7 @@
 """Executors map a per-shard function over shards; they decide nothing else.
 
 ``map_shards(fn, items, ...)`` runs ``fn(item)`` for every item, in a process
-pool (``local``; a Ray executor is planned), with a progress bar. Exceptions are
+pool (``local``) or as Ray tasks (``ray``), with a progress bar. Exceptions are
 caught at the shard boundary only: a failed shard is retried once, then
 reported; the other shards still finish and their work is kept.
 """
@@ -53,6 +53,8 @@ def map_shards(
     retries: int = 1,
     initializer: Callable | None = None,
     initargs: tuple = (),
+    ray_cfg=None,
+    gpus: float = 0.0,
 ) -> ShardResults:
     from tqdm import tqdm
 
@@ -63,7 +65,7 @@ def map_shards(
             break
         failed = []
         with tqdm(total=len(pending), desc=desc if attempt == 0 else f"{desc} (retry)", unit="shard") as bar:
-            for item, ok, value in _run(fn, pending, workers, executor, initializer, initargs):
+            for item, ok, value in _run(fn, pending, workers, executor, initializer, initargs, ray_cfg, gpus):
                 if ok:
                     out.results[item] = value
                     out.errors.pop(item, None)
@@ -77,9 +79,12 @@ def map_shards(
     return out
 
 
-def _run(fn, items, workers, executor, initializer, initargs):
-    if executor != "local":
-        raise ValueError(f"executor {executor!r}: only 'local' is available")
+def _run(fn, items, workers, executor, initializer, initargs, ray_cfg=None, gpus=0.0):
+    if executor == "ray":
+        from pipeline.ray_executor import run_ray
+
+        yield from run_ray(fn, items, workers, initializer, initargs, ray_cfg, gpus)
+        return
     if workers <= 1 or len(items) == 1:
         if initializer is not None:
             initializer(*initargs)

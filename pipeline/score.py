@@ -103,11 +103,12 @@ def score_stage(cfg: RunConfig, run_dir: Path, shards: list[int]) -> dict[str, i
     if any(s != "resolution" for s in cfg.score.scorers):
         from filters.models import pick_device
 
-        if pick_device(cfg.score.device) == "cuda":
+        if cfg.executor == "local" and pick_device(cfg.score.device) == "cuda":
             workers = 1  # one process feeds the GPU; decoding runs in its DataLoader workers
     threads = max(1, (os.cpu_count() or 1) // workers)
     res = map_shards(fn, shards, workers=workers, executor=cfg.executor, desc="score",
-                     initializer=_init_worker, initargs=(threads,))
+                     initializer=_init_worker, initargs=(threads,), ray_cfg=cfg.ray,
+                     gpus=cfg.ray.gpus_per_worker if cfg.executor == "ray" else 0.0)
     res.raise_if_failed("score")
     total = {"skipped": 0, "scored": 0, "failed": 0}
     for r in res.results.values():
