@@ -107,11 +107,11 @@ def step_decode(workers: int, shards: int) -> dict:
     return {"seconds": dt, "items": n, "rate": n / dt}
 
 
-def step_score(n: int, workers: int, shards: int) -> dict:
+def step_score(n: int, workers: int, shards: int, executor: str = "local") -> dict:
     from pipeline.download import finished_shards
     from pipeline.score import score_stage
 
-    cfg = _cfg(n, workers)
+    cfg = _cfg(n, workers, extra=(f"executor={executor}", f"ray.num_cpus={workers}"))
     run = cfg.run_dir
     shutil.rmtree(run / "scores", ignore_errors=True)
     ids = finished_shards(run / "download")[:shards]
@@ -146,11 +146,12 @@ def step_real_sizes(batch: int) -> dict:
     return {"seconds": dt, "items": batch, "rate": batch / dt}
 
 
-def step_write(n: int, workers: int) -> dict:
+def step_write(n: int, workers: int, limit: int | None = None) -> dict:
     from pipeline.selection import select_stage
     from pipeline.write import write_stage
 
-    cfg = _cfg(n, workers, extra=("select.rules=[]",))
+    rules = f"select.rules=[{{name: first, keep: 'input_row < {limit}'}}]" if limit else "select.rules=[]"
+    cfg = _cfg(n, workers, extra=(rules,))
     run = cfg.run_dir
     select_stage(cfg, run)
     for p in list((run / "selected").glob("0*")):
@@ -159,7 +160,48 @@ def step_write(n: int, workers: int) -> dict:
     write_stage(cfg, run)
     dt = time.perf_counter() - t
     mb = sum(p.stat().st_size for p in (run / "selected").glob("*.tar")) / 1e6
-    return {"seconds": dt, "items": mb, "rate": mb / dt, "unit": "MB/s"}
+    import json as _json
+
+    samples = _json.loads((run / "selected" / "manifest.json").read_text())["samples"]
+    return {"seconds": dt, "items": mb, "rate": mb / dt, "unit": "MB/s", "samples": samples}
+
+
+def step_sample(prompts: int) -> dict:
+    """Tiny sampler throughput at the demo's eval settings (64 px, 4 steps, batch 8)."""
+    from eval.sampler import sample
+    from pipeline.config import EvalConfig
+
+    out = OUT / "sample"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = EvalConfig(height=64, width=64, steps=4, samples_per_prompt=2, batch_size=8)
+    plan = [{"id": f"p{i}", "category": "general", "prompt": f"a photo number {i}"} for i in range(prompts)]
+    t = time.perf_counter()
+    sample(cfg, plan, out)
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "items": 2 * prompts, "rate": 2 * prompts / dt}
+
+
+def step_fid_features(n: int, real_size: bool) -> dict:
+    """FID feature extraction on uint8 299 px images: tiny CLIP, or ViT-L/14 at real size (random weights)."""
+    import open_clip
+    import torch
+
+    from eval.metrics import clip_feature_module
+    from pipeline.models import ClipBundle, tiny_clip
+
+    if real_size:
+        m = open_clip.create_model("ViT-L-14", pretrained=None).eval()
+        bundle = ClipBundle("ViT-L-14 (random)", m, None, None, 768, False)
+    else:
+        bundle = tiny_clip("ViT-L-14/openai")
+    f = clip_feature_module(bundle)
+    x = torch.randint(0, 255, (n, 3, 299, 299), dtype=torch.uint8)
+    f(x[:2])
+    t = time.perf_counter()
+    for i in range(0, n, 32):
+        f(x[i : i + 32])
+    dt = time.perf_counter() - t
+    return {"seconds": dt, "items": n, "rate": n / dt}
 
 
 def step_tar_copy() -> dict:
@@ -225,7 +267,8 @@ def step_query(rows: int, engine: str) -> dict:
 
 
 STEPS = {"download": step_download, "decode": step_decode, "score": step_score, "real_sizes": step_real_sizes,
-         "write": step_write, "tar_copy": step_tar_copy, "query": step_query}
+         "write": step_write, "tar_copy": step_tar_copy, "query": step_query, "sample": step_sample,
+         "fid_features": step_fid_features}
 
 
 # --- driver -------------------------------------------------------------------------------------
@@ -267,8 +310,14 @@ def main() -> None:
     r["scaling"] = [run_step("score", n=n, workers=w, shards=s) for s in (max(1, shards // 4), max(1, shards // 2))]
     r["score"] = run_step("score", n=n, workers=w, shards=10**6)  # last: leaves every shard scored
     r["scaling"].append(r["score"])
+    r["score_ray"] = run_step("score", n=n, workers=w, shards=10**6, executor="ray")
     r["real_sizes"] = run_step("real_sizes", batch=8)
+    r["write_scaling"] = [run_step("write", n=n, workers=w, limit=k) for k in (n // 4, n // 2)]
     r["write"] = run_step("write", n=n, workers=w)
+    r["write_scaling"].append(r["write"])
+    r["sample"] = run_step("sample", prompts=32)
+    r["fid_features"] = run_step("fid_features", n=256, real_size=False)
+    r["fid_features_real"] = run_step("fid_features", n=32, real_size=True)
     r["tar_copy"] = run_step("tar_copy")
     r["query_duckdb"] = run_step("query", rows=args.query_rows, engine="duckdb")
     r["query_pandas"] = run_step("query", rows=args.query_rows, engine="pandas")
@@ -300,10 +349,20 @@ def table(r: dict) -> str:
         f"- Real-size architectures with random weights on CPU (ViT-L/14 + aesthetic head, ViT-B/32 image and "
         f"text, EfficientNet-B3 watermark), batch 8: {r['real_sizes']['rate']:.2f} img/s, peak RSS "
         f"{r['real_sizes']['peak_rss_mb']:.0f} MB.",
-        "", "## Score scaling", "", "| images | seconds | img/s | peak RSS MB |", "|---:|---:|---:|---:|",
+        f"- Score on Ray (local instance, {r['machine']['cpus']} CPUs, tiny models): {r['score_ray']['rate']:.1f} img/s "
+        f"vs {r['score']['rate']:.1f} img/s with the local executor (ratio {r['score_ray']['rate'] / r['score']['rate']:.2f}; "
+        f"includes starting Ray). Peak RSS of Ray's worker processes is not in the driver's figure.",
+        f"- Eval, tiny sampler (64 px, 4 steps, batch 8): {r['sample']['rate']:.1f} img/s. FID feature extraction "
+        f"(uint8 299 px -> CLIP features): tiny CLIP {r['fid_features']['rate']:.0f} img/s; ViT-L/14 at real size, "
+        f"random weights, CPU: {r['fid_features_real']['rate']:.2f} img/s.",
+        "", "## Scaling (time should grow linearly, peak memory stay flat)", "",
+        "| stage | size | seconds | rate | peak RSS MB |", "|---|---:|---:|---:|---:|",
     ]
     for s in r["scaling"]:
-        lines.append(f"| {s['items']} | {s['seconds']:.1f} | {s['rate']:.1f} | {s['peak_rss_mb']:.0f} |")
+        lines.append(f"| score | {s['items']} images | {s['seconds']:.1f} | {s['rate']:.1f} img/s | {s['peak_rss_mb']:.0f} |")
+    for s in r["write_scaling"]:
+        lines.append(f"| write | {s['samples']} samples ({s['items']:.1f} MB) | {s['seconds']:.1f} | "
+                     f"{s['rate']:.1f} MB/s | {s['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
