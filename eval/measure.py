@@ -103,15 +103,20 @@ def _bias(cfg, rows, images, img_emb, bundle) -> tuple[list[dict], dict[str, lis
         occ = by_occ.setdefault(rows[i]["occupation"], {"gender": [], "tone": []})
         occ["gender"].append(g)
         occ["tone"].append(tone)
-    table, summary = [], {"gender_imbalance": {}, "skin_tone_imbalance": {}}
+    ref = B.read_reference(cfg.eval.bias_reference) if cfg.eval.bias_reference else {}
+    table, summary = [], {"gender_imbalance": {}, "skin_tone_imbalance": {},
+                          "reference": cfg.eval.bias_reference or "parity (0.5) and uniform Monk 1-10"}
     for occ, v in sorted(by_occ.items()):
         n = len(v["gender"])
         for attr, values in (("perceived gender", v["gender"]), ("perceived skin tone (Monk)", v["tone"])):
             for value, c in sorted(Counter(map(str, values)).items()):
                 table.append({"occupation": occ, "attribute": attr, "value": value, "count": c, "n": n,
                               "share": c / n})
-        summary["gender_imbalance"][occ] = B.gender_imbalance(v["gender"])
-        summary["skin_tone_imbalance"][occ] = B.skin_tone_imbalance(v["tone"])
+        occ_ref = ref.get(occ, {})
+        woman = occ_ref.get("gender", {}).get("woman", 0.5)
+        tones = {int(k): s for k, s in occ_ref.get("skin_tone", {}).items()} or None
+        summary["gender_imbalance"][occ] = B.gender_imbalance(v["gender"], woman)
+        summary["skin_tone_imbalance"][occ] = B.skin_tone_imbalance(v["tone"], tones)
     summary["gender_mad"] = B.mean_absolute_deviation(list(summary["gender_imbalance"].values()))
     summary["skin_tone_mad"] = B.mean_absolute_deviation(list(summary["skin_tone_imbalance"].values()))
     summary["unclear"] = sum(g == B.UNCLEAR for v in by_occ.values() for g in v["gender"])

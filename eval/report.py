@@ -93,12 +93,21 @@ def build_report(out_dir: Path) -> tuple[Path, Path]:
                f"gender MAD {fmt(b['gender_mad'])}; skin-tone MAD {fmt(b['skin_tone_mad'])}.", "",
                "| occupation | attribute | value | count | share |", "|---|---|---|---:|---:|"]
         md += [f"| {r['occupation']} | {r['attribute']} | {r['value']} | {r['count']} | {r['share']:.2f} |" for r in bias]
-    parts.append("<h2>Best and worst images per category (by CLIP score)</h2>")
+    parts.append("<h2>Best and worst images per category</h2><p>Failure categories are ranked by the judge's "
+                 "P(failure) (probe when trained, else clip_contrast), the others by CLIP score; best first, "
+                 "then worst.</p>")
     for cat in sorted({r["category"] for r in images}):
-        rs = sorted((r for r in images if r["category"] == cat), key=lambda r: r["clip_score"])
+        rs = [r for r in images if r["category"] == cat]
+        judge = next((c for c in ("p_fail_probe", "p_fail_clip_contrast") if rs[0].get(c) is not None), None)
+        if judge:  # lower P(failure) is better
+            rs.sort(key=lambda r: -r[judge])
+            label = lambda r, j=judge: f"P(fail) {r[j]:.2f}"  # noqa: E731
+        else:
+            rs.sort(key=lambda r: r["clip_score"])
+            label = lambda r: f"CLIP {r['clip_score']:.1f}"  # noqa: E731
         pick = rs[-4:][::-1] + rs[:4]
         parts.append(f"<h3>{html.escape(cat)}</h3><div class='grid'>" + "".join(
-            f"<figure><img src='{_thumb(out_dir / r['file'])}'/><figcaption>{r['clip_score']:.1f}: "
+            f"<figure><img src='{_thumb(out_dir / r['file'])}'/><figcaption>{label(r)}: "
             f"{html.escape(r['prompt'][:60])}</figcaption></figure>" for r in pick) + "</div>")
     parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(
         {"fid_protocol": proto, **m["provenance"]}, indent=2)) + "</pre>")

@@ -239,6 +239,21 @@ def cmd_report(args) -> dict:
     return {}
 
 
+def cmd_compare(args) -> dict:
+    """Side by side metrics of evaluated models; refuses FID/KID computed differently."""
+    import json
+
+    from eval.metrics import check_comparable
+
+    ms = [json.loads((Path(p) / "metrics.json" if Path(p).is_dir() else Path(p)).read_text()) for p in args.evals]
+    for m in ms[1:]:
+        check_comparable(ms[0]["fid_protocol"], m["fid_protocol"])
+    rows = [(m["tag"], f"FID {m['fid']:.2f} | KID {m['kid_mean']:.4f} | CLIP {m['clip_score']:.2f} | "
+             f"N {m['n_images']}" + (" | TINY" if m["tiny_model"] else "")) for m in ms]
+    _summary(f"compare ({ms[0]['fid_protocol']['feature']})", rows)
+    return {}
+
+
 def cmd_verify(args) -> dict:
     from pipeline.verify import check_run
 
@@ -349,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("eval_dir", nargs="?", help="runs/<name>/eval/<tag> (default: from the config)")
     _common(sp, urls=False)
     sp.set_defaults(fn=cmd_report)
+    sp = sub.add_parser("compare", help="compare evaluated models; refuses FID/KID computed differently")
+    sp.add_argument("evals", nargs="+", help="eval folders (runs/<name>/eval/<tag>) or metrics.json files")
+    sp.set_defaults(fn=cmd_compare)
     sp = sub.add_parser("verify", help="check every shard against its parquet and the manifest; exit 1 on problems")
     sp.add_argument("run_dir", nargs="?", help="run folder (default: from the config)")
     _common(sp, urls=False)

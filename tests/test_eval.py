@@ -221,6 +221,11 @@ def test_eval_end_to_end_and_report_rebuild(tmp_path):
     (out / "report.html").unlink()
     curate("report", *args)
     assert (out / "report.html").exists()
+    curate("compare", out, out)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**m, "fid_protocol": {**m["fid_protocol"], "feature": "inception-v3"}}))
+    r = curate("compare", out, other, check=False)
+    assert r.returncode == 2 and "not comparable" in r.stderr
     con = duckdb.connect(str(runs / "demo" / "catalog.duckdb"), read_only=True)
     for t in ("eval_images", "eval_metrics", "eval_failures", "eval_bias"):
         assert con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] > 0
@@ -229,3 +234,15 @@ def test_eval_end_to_end_and_report_rebuild(tmp_path):
     curate("eval", *args)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == before
     assert len(list((runs / "demo" / "eval" / "_reference").glob("reference-*.pt"))) == 1
+
+
+def test_bias_reference_file(tmp_path):
+    p = tmp_path / "ref.csv"
+    p.write_text("occupation,attribute,value,share\nnurse,gender,woman,0.87\nnurse,skin_tone,3,1.0\n")
+    ref = B.read_reference(p)
+    assert ref["nurse"]["gender"]["woman"] == 0.87
+    assert B.gender_imbalance(["perceived woman"] * 9 + ["perceived man"], 0.87) == pytest.approx(0.03)
+    assert B.skin_tone_imbalance([3, 3], {3: 1.0}) == pytest.approx(0.0)
+    p.write_text("occupation,attribute,value,share\nnurse,age,old,1\n")
+    with pytest.raises(ValueError, match="gender or skin_tone"):
+        B.read_reference(p)
