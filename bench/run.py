@@ -93,12 +93,14 @@ def _init_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def step_decode(workers: int, shards: int) -> dict:
+def step_decode(n: int, workers: int, shards: int) -> dict:
     from pipeline.download import finished_shards
     from pipeline.executors import map_shards
+    from pipeline.score import score_processes
 
     run = OUT / "runs" / "bench"
     ids = finished_shards(run / "download")[:shards]
+    workers = score_processes(_cfg(n, workers), len(ids))  # the same number of processes as scoring
     t = time.perf_counter()
     res = map_shards(partial(_decode_only_shard, str(run)), ids, workers=workers, desc="decode baseline",
                      initializer=_init_threads, initargs=(max(1, (os.cpu_count() or 1) // workers),))
@@ -248,21 +250,24 @@ def _synthetic_scores(rows: int) -> Path:
 
 def step_query(rows: int, engine: str) -> dict:
     path = _synthetic_scores(rows)
-    if engine == "duckdb":
-        import duckdb
+    times = []
+    for _ in range(3):  # best of three for both engines: warm file cache, no first-call costs
+        if engine == "duckdb":
+            import duckdb
 
-        con = duckdb.connect()
-        con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet('{path}')")
-        t = time.perf_counter()
-        con.execute(QUERY).fetchall()
-    else:
-        import pandas as pd
+            con = duckdb.connect()
+            con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet('{path}')")
+            t = time.perf_counter()
+            con.execute(QUERY).fetchall()
+        else:
+            import pandas as pd
 
-        t = time.perf_counter()
-        df = pd.read_parquet(path)
-        m = df[(df.shorter_side >= 512) & (df.pwatermark < 0.5) & (df.aesthetic_score >= 5)]
-        m.groupby("shard").agg(n=("key", "size"), aesthetic=("aesthetic_score", "mean")).sort_index()
-    dt = time.perf_counter() - t
+            t = time.perf_counter()
+            df = pd.read_parquet(path)
+            m = df[(df.shorter_side >= 512) & (df.pwatermark < 0.5) & (df.aesthetic_score >= 5)]
+            m.groupby("shard").agg(n=("key", "size"), aesthetic=("aesthetic_score", "mean")).sort_index()
+        times.append(time.perf_counter() - t)
+    dt = min(times)
     return {"seconds": dt, "items": rows, "rate": rows / dt}
 
 
@@ -306,7 +311,7 @@ def main() -> None:
     r["download"] = run_step("download", n=n, workers=w, bare=False)
     r["download_bare"] = run_step("download", n=n, workers=w, bare=True)
     shards = (n + 99) // 100
-    r["decode"] = run_step("decode", workers=w, shards=10**6)
+    r["decode"] = run_step("decode", n=n, workers=w, shards=10**6)
     r["scaling"] = [run_step("score", n=n, workers=w, shards=s) for s in (max(1, shards // 4), max(1, shards // 2))]
     r["score"] = run_step("score", n=n, workers=w, shards=10**6)  # last: leaves every shard scored
     r["scaling"].append(r["score"])
@@ -317,7 +322,7 @@ def main() -> None:
     r["write_scaling"].append(r["write"])
     r["sample"] = run_step("sample", prompts=32)
     r["fid_features"] = run_step("fid_features", n=256, real_size=False)
-    r["fid_features_real"] = run_step("fid_features", n=32, real_size=True)
+    r["fid_features_real"] = run_step("fid_features", n=16, real_size=True)
     r["tar_copy"] = run_step("tar_copy")
     r["query_duckdb"] = run_step("query", rows=args.query_rows, engine="duckdb")
     r["query_pandas"] = run_step("query", rows=args.query_rows, engine="pandas")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ def map_shards(
     initargs: tuple = (),
     ray_cfg=None,
     gpus: float = 0.0,
+    threads: bool = False,
 ) -> ShardResults:
     from tqdm import tqdm
 
@@ -65,7 +66,7 @@ def map_shards(
             break
         failed = []
         with tqdm(total=len(pending), desc=desc if attempt == 0 else f"{desc} (retry)", unit="shard") as bar:
-            for item, ok, value in _run(fn, pending, workers, executor, initializer, initargs, ray_cfg, gpus):
+            for item, ok, value in _run(fn, pending, workers, executor, initializer, initargs, ray_cfg, gpus, threads):
                 if ok:
                     out.results[item] = value
                     out.errors.pop(item, None)
@@ -79,7 +80,7 @@ def map_shards(
     return out
 
 
-def _run(fn, items, workers, executor, initializer, initargs, ray_cfg=None, gpus=0.0):
+def _run(fn, items, workers, executor, initializer, initargs, ray_cfg=None, gpus=0.0, threads=False):
     if executor == "ray":
         from pipeline.ray_executor import run_ray
 
@@ -91,6 +92,15 @@ def _run(fn, items, workers, executor, initializer, initargs, ray_cfg=None, gpus
         for item in items:
             ok, value = _call(fn, item)
             yield item, ok, value
+        return
+    if threads:  # I/O-bound stages: no process start-up, the GIL is released on file and DuckDB work
+        if initializer is not None:
+            initializer(*initargs)
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {pool.submit(_call, fn, item): item for item in items}
+            for fut in as_completed(futures):
+                ok, value = fut.result()
+                yield futures[fut], ok, value
         return
     import multiprocessing as mp
 

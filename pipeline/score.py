@@ -87,6 +87,23 @@ def save_npy(path: Path, array) -> None:
             np.save(f, array)
 
 
+SHARDS_PER_PROCESS = 8  # a scoring process costs ~9 s to start (imports + models); amortise it
+
+
+def score_processes(cfg: RunConfig, n_shards: int) -> int:
+    """How many local scoring processes: 1 (in-process) on CUDA or when there are too few shards
+    to pay for starting more; otherwise ``workers``."""
+    if cfg.executor != "local":
+        return cfg.workers
+    if any(s != "resolution" for s in cfg.score.scorers):
+        from filters.models import pick_device
+
+        if pick_device(cfg.score.device) == "cuda":
+            return 1  # one process feeds the GPU; decoding runs in its DataLoader workers
+        return max(1, min(cfg.workers, n_shards // SHARDS_PER_PROCESS))
+    return cfg.workers
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
@@ -99,12 +116,7 @@ def score_stage(cfg: RunConfig, run_dir: Path, shards: list[int]) -> dict[str, i
 
     preflight(cfg.score)
     fn = partial(score_shard, str(run_dir), cfg.score.model_dump_json())
-    workers = cfg.workers
-    if any(s != "resolution" for s in cfg.score.scorers):
-        from filters.models import pick_device
-
-        if cfg.executor == "local" and pick_device(cfg.score.device) == "cuda":
-            workers = 1  # one process feeds the GPU; decoding runs in its DataLoader workers
+    workers = score_processes(cfg, len(shards))
     threads = max(1, (os.cpu_count() or 1) // workers)
     res = map_shards(fn, shards, workers=workers, executor=cfg.executor, desc="score",
                      initializer=_init_worker, initargs=(threads,), ray_cfg=cfg.ray,

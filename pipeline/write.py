@@ -126,7 +126,7 @@ def write_stage(cfg: RunConfig, run_dir: Path, extra_manifest: dict | None = Non
     plan = plan_shards(run_dir, cfg.write.samples_per_shard)
     items = [(i, tuple(keys)) for i, keys in enumerate(plan)]
     res = map_shards(partial(_write_planned, str(run_dir)), items, workers=cfg.workers,
-                     executor=cfg.executor, desc="write", ray_cfg=cfg.ray)
+                     executor=cfg.executor, desc="write", ray_cfg=cfg.ray, threads=True)
     res.raise_if_failed("write")
     for stale in shard_ids(run_dir / "selected", ".parquet"):
         if stale >= len(plan):
