@@ -74,7 +74,8 @@ def test_kid_matches_explicit_polynomial_mmd():
     mean, _ = kid.compute()
     f = FixedFeatures()
     ref = _mmd_poly(f(real).double().numpy(), f(fake).double().numpy())
-    assert float(mean) == pytest.approx(ref, rel=1e-4, abs=1e-7)
+    # KID keeps the float32 features (FID casts to float64): kernel sums round with the thread count
+    assert float(mean) == pytest.approx(ref, rel=1e-3, abs=1e-6)
 
 
 def test_clip_score_formula():
