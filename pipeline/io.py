@@ -6,14 +6,12 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 TMP_MARK = ".tmp-"
-SHARD_RE = re.compile(r"^(\d+)\.tar$")
 
 
 @contextlib.contextmanager
@@ -74,10 +72,6 @@ def shard_ids(folder: Path, suffix: str) -> list[int]:
             if stem.isdigit():
                 out.append(int(stem))
     return sorted(out)
-
-
-def shard_name(shard_id: int, width: int = 5) -> str:
-    return f"{shard_id:0{width}d}"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
