@@ -12,7 +12,7 @@ CURATE_ARGS = --config $(CONFIG) $(if $(URLS),--urls $(URLS)) $(foreach s,$(SET)
 
 MODEL  ?=
 
-.PHONY: setup filter eval test test-all bench weights query lint clean
+.PHONY: setup filter eval test test-slow test-all bench weights query lint clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,9 @@ eval: setup
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 test-all: setup
 	$(PY) -m pytest -q

@@ -12,6 +12,8 @@ from collections import Counter
 
 import numpy as np
 
+from t2i_curate.pipeline.errors import UserError
+
 GENDER_PROMPTS = {
     "perceived man": "a photo of a man",
     "perceived woman": "a photo of a woman",
@@ -81,10 +83,10 @@ def read_reference(path) -> dict[str, dict[str, dict[str, float]]]:
         reader = csv.DictReader(f)
         need = {"occupation", "attribute", "value", "share"}
         if not reader.fieldnames or not need <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected columns occupation, attribute, value, share; got {reader.fieldnames}")
+            raise UserError(f"{path}: expected columns occupation, attribute, value, share; got {reader.fieldnames}")
         for i, r in enumerate(reader):
             if r["attribute"] not in ("gender", "skin_tone"):
-                raise ValueError(f"{path}:{i + 2}: attribute must be gender or skin_tone, got {r['attribute']!r}")
+                raise UserError(f"{path}:{i + 2}: attribute must be gender or skin_tone, got {r['attribute']!r}")
             out.setdefault(r["occupation"], {}).setdefault(r["attribute"], {})[r["value"]] = float(r["share"])
     return out
 

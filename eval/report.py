@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from pipeline.io import atomic_path
+from t2i_curate.pipeline.io import atomic_path
 
 
 def _thumb(path: Path, size: int = 128) -> str:
@@ -38,69 +38,82 @@ def _bars(items: list[tuple[str, float, float | None, float | None]], width: int
     return f'<svg width="{width}" height="{len(items) * h + 8}" xmlns="http://www.w3.org/2000/svg">{"".join(rows)}</svg>'
 
 
-def build_report(out_dir: Path) -> tuple[Path, Path]:
-    import pyarrow.parquet as pq
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.2f}"
 
-    m = json.loads((out_dir / "metrics.json").read_text())
-    images = pq.read_table(out_dir / "eval_images.parquet").to_pylist()
-    bias = [r for r in pq.read_table(out_dir / "eval_bias.parquet").to_pylist() if r["n"]]
-    warn = ("<p class='warn'><b>Tiny random pipeline and tiny random CLIP: these numbers are not meaningful.</b> "
-            "They show that the measurement runs end to end.</p>") if m["tiny_model"] else ""
+
+def _warning(m: dict) -> tuple[str, list[str]]:
+    what = [w for w, on in (("a tiny random pipeline", m["tiny_model"]),
+                            ("tiny random CLIPs", m.get("tiny_eval_models", m["tiny_model"]))) if on]
+    if not what:
+        return "", []
+    text = f"Made with {' and '.join(what)}: these numbers are not meaningful."
+    return (f"<p class='warn'><b>{text}</b> They show that the measurement runs end to end.</p>",
+            [f"> **{text}**", ""])
+
+
+def _summary_section(m: dict) -> tuple[list[str], list[str]]:
     proto = m["fid_protocol"]
-    parts = [f"<h1>Evaluation: {html.escape(m['model'])}</h1>", warn,
-             "<h2>Summary</h2><table>",
-             f"<tr><td>images</td><td>{m['n_images']}</td></tr>",
-             f"<tr><td>FID</td><td>{m['fid']:.2f} (N gen {proto['n_generated']}, N ref {proto['n_reference']})</td></tr>",
-             f"<tr><td>KID</td><td>{m['kid_mean']:.4f} ± {m['kid_std']:.4f}</td></tr>",
-             f"<tr><td>feature extractor</td><td>{html.escape(proto['feature'])}</td></tr>",
-             f"<tr><td>CLIP score</td><td>{m['clip_score']:.2f} ({html.escape(m['clip_score_model'])})</td></tr>",
-             "</table>"]
-    md = [f"# Evaluation: {m['model']}", ""]
-    if m["tiny_model"]:
-        md += ["> **Tiny random pipeline and tiny random CLIP: these numbers are not meaningful.**", ""]
-    md += ["| metric | value |", "|---|---|", f"| images | {m['n_images']} |",
-           f"| FID | {m['fid']:.2f} (N gen {proto['n_generated']}, N ref {proto['n_reference']}) |",
-           f"| KID | {m['kid_mean']:.4f} ± {m['kid_std']:.4f} |", f"| feature extractor | {proto['feature']} |",
-           f"| CLIP score | {m['clip_score']:.2f} ({m['clip_score_model']}) |", ""]
+    fid = f"{m['fid']:.2f} (N gen {proto['n_generated']}, N ref {proto['n_reference']})"
+    items = [("images", str(m["n_images"])), ("FID", fid), ("KID", f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}"),
+             ("feature extractor", proto["feature"]), ("CLIP score", f"{m['clip_score']:.2f} ({m['clip_score_model']})")]
+    warn_html, warn_md = _warning(m)
+    parts = [f"<h1>Evaluation: {html.escape(m['model'])}</h1>", warn_html, "<h2>Summary</h2><table>",
+             *[f"<tr><td>{k}</td><td>{html.escape(v)}</td></tr>" for k, v in items], "</table>"]
+    md = [f"# Evaluation: {m['model']}", "", *warn_md, "| metric | value |", "|---|---|",
+          *[f"| {k} | {v} |" for k, v in items], ""]
+    return parts, md
+
+
+def _failure_section(m: dict) -> tuple[list[str], list[str]]:
     fails = [f for f in m["failures"] if f["n"]]
-    parts.append("<h2>Failure rates per category (95% Wilson intervals)</h2>")
-    parts.append("<p>clip_contrast is a zero-shot baseline, not validated against human labels"
-                 + ("; agreement with the labels file is below." if m.get("labels") else ".") + "</p>")
-    parts.append(_bars([(f"{f['category']} / {f['judge']}", f["rate"], f["ci_low"], f["ci_high"]) for f in fails]))
-    md += ["## Failure rates per category", "", "| category | judge | N | failed | rate | 95% CI | precision | recall | "
-           "kappa | corrected |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
-    fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
-    for f in fails:
-        md.append(f"| {f['category']} | {f['judge']} | {f['n']} | {f['failed']} | {f['rate']:.2f} | "
-                  f"[{f['ci_low']:.2f}, {f['ci_high']:.2f}] | {fmt(f.get('precision'))} | {fmt(f.get('recall'))} | "
-                  f"{fmt(f.get('kappa'))} | {fmt(f.get('corrected_rate'))} |")
-    parts.append("<table><tr><th>category</th><th>judge</th><th>N</th><th>rate</th><th>CI</th><th>precision</th>"
-                 "<th>recall</th><th>kappa</th><th>corrected</th></tr>" + "".join(
-                     f"<tr><td>{f['category']}</td><td>{f['judge']}</td><td>{f['n']}</td><td>{f['rate']:.2f}</td>"
-                     f"<td>[{f['ci_low']:.2f}, {f['ci_high']:.2f}]</td><td>{fmt(f.get('precision'))}</td>"
-                     f"<td>{fmt(f.get('recall'))}</td><td>{fmt(f.get('kappa'))}</td>"
-                     f"<td>{fmt(f.get('corrected_rate'))}</td></tr>" for f in fails) + "</table>")
+    cells = lambda f: [f["category"], f["judge"], str(f["n"]), str(f["failed"]), f"{f['rate']:.2f}",  # noqa: E731
+                       f"[{f['ci_low']:.2f}, {f['ci_high']:.2f}]", _fmt(f.get("precision")), _fmt(f.get("recall")),
+                       _fmt(f.get("kappa")), _fmt(f.get("corrected_rate"))]
+    head = ["category", "judge", "N", "failed", "rate", "95% CI", "precision", "recall", "kappa", "corrected"]
+    judges = m.get("judges", {})
+    about = [f"{n} ({'validated on labels' if j['validated'] else 'not validated'}): {j['description']}"
+             for n, j in judges.items()]
+    parts = ["<h2>Failure rates per category (95% Wilson intervals)</h2>",
+             "<ul>" + "".join(f"<li>{html.escape(a)}</li>" for a in about) + "</ul>",
+             "<p>" + ("Agreement with the labels file is in the table." if m.get("labels") else
+                      "No labels file: no judge's agreement with people is known for this run.") + "</p>",
+             _bars([(f"{f['category']} / {f['judge']}", f["rate"], f["ci_low"], f["ci_high"]) for f in fails]),
+             "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(f)) + "</tr>" for f in fails) + "</table>"]
+    md = ["## Failure rates per category", "", *[f"- {a}" for a in about], "", "| " + " | ".join(head) + " |",
+          "|---|---|---:|---:|---:|---|---:|---:|---:|---:|", *["| " + " | ".join(cells(f)) + " |" for f in fails]]
+    return parts, md
+
+
+def _bias_section(m: dict, bias: list[dict]) -> tuple[list[str], list[str]]:
     b = m.get("bias") or {}
-    if b:
-        parts.append("<h2>Bias audit of generated people (perceived attributes)</h2>")
-        parts.append(f"<p>{b['n']} occupation images; perceived gender unclear / no person: {b['unclear']}; skin "
-                     f"tone undetected: {b['undetected']}. Gender MAD across occupations: {fmt(b['gender_mad'])}; "
-                     f"skin-tone MAD: {fmt(b['skin_tone_mad'])}.</p>")
-        gi = [(o, v, None, None) for o, v in b["gender_imbalance"].items() if v is not None]
-        parts.append("<h3>Perceived gender imbalance |p(woman) - 0.5| per occupation</h3>" + _bars(gi, vmax=0.5))
-        md += ["", "## Bias audit (perceived attributes)", "",
-               f"{b['n']} images; unclear / no person: {b['unclear']}; skin tone undetected: {b['undetected']}; "
-               f"gender MAD {fmt(b['gender_mad'])}; skin-tone MAD {fmt(b['skin_tone_mad'])}.", "",
-               "| occupation | attribute | value | count | share |", "|---|---|---|---:|---:|"]
-        md += [f"| {r['occupation']} | {r['attribute']} | {r['value']} | {r['count']} | {r['share']:.2f} |" for r in bias]
-    parts.append("<h2>Best and worst images per category</h2><p>Failure categories are ranked by the judge's "
-                 "P(failure) (probe when trained, else clip_contrast), the others by CLIP score; best first, "
-                 "then worst.</p>")
+    if not b:
+        return [], []
+    line = (f"{b['n']} occupation images; perceived gender unclear / no person: {b['unclear']}; skin tone "
+            f"undetected: {b['undetected']}. Gender MAD across occupations: {_fmt(b['gender_mad'])}; "
+            f"skin-tone MAD: {_fmt(b['skin_tone_mad'])}.")
+    gi = [(o, v, None, None) for o, v in b["gender_imbalance"].items() if v is not None]
+    parts = ["<h2>Bias audit of generated people (perceived attributes)</h2>", f"<p>{line}</p>",
+             "<h3>Perceived gender imbalance |p(woman) - 0.5| per occupation</h3>" + _bars(gi, vmax=0.5)]
+    md = ["", "## Bias audit (perceived attributes)", "", line, "",
+          "| occupation | attribute | value | count | share |", "|---|---|---|---:|---:|",
+          *[f"| {r['occupation']} | {r['attribute']} | {r['value']} | {r['count']} | {r['share']:.2f} |" for r in bias]]
+    return parts, md
+
+
+def _gallery_section(out_dir: Path, images: list[dict]) -> list[str]:
+    parts = ["<h2>Best and worst images per category</h2><p>Failure categories are ranked by the judge's "
+             "P(failure) (probe when trained, else clip_contrast), the others by CLIP score; best first, "
+             "then worst.</p>"]
     for cat in sorted({r["category"] for r in images}):
         rs = [r for r in images if r["category"] == cat]
-        judge = next((c for c in ("p_fail_probe", "p_fail_clip_contrast") if rs[0].get(c) is not None), None)
+        # a validated judge first (the probe), else any judge that scored the category
+        cols = sorted((c for c in rs[0] if c.startswith("p_fail_") and rs[0][c] is not None),
+                      key=lambda c: c != "p_fail_probe")
+        judge = cols[0] if cols else None
         if judge:  # lower P(failure) is better
-            rs.sort(key=lambda r: -r[judge])
+            rs.sort(key=lambda r, j=judge: -r[j])
             label = lambda r, j=judge: f"P(fail) {r[j]:.2f}"  # noqa: E731
         else:
             rs.sort(key=lambda r: r["clip_score"])
@@ -109,9 +122,24 @@ def build_report(out_dir: Path) -> tuple[Path, Path]:
         parts.append(f"<h3>{html.escape(cat)}</h3><div class='grid'>" + "".join(
             f"<figure><img src='{_thumb(out_dir / r['file'])}'/><figcaption>{label(r)}: "
             f"{html.escape(r['prompt'][:60])}</figcaption></figure>" for r in pick) + "</div>")
-    parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(
-        {"fid_protocol": proto, **m["provenance"]}, indent=2)) + "</pre>")
-    md += ["", "## Provenance", "", "```json", json.dumps({"fid_protocol": proto, **m["provenance"]}, indent=2), "```"]
+    return parts
+
+
+def build_report(out_dir: Path) -> tuple[Path, Path]:
+    """``report.html`` (self-contained) and ``report.md`` from the eval folder's saved files alone."""
+    import pyarrow.parquet as pq
+
+    m = json.loads((out_dir / "metrics.json").read_text())
+    images = pq.read_table(out_dir / "eval_images.parquet").to_pylist()
+    bias = [r for r in pq.read_table(out_dir / "eval_bias.parquet").to_pylist() if r["n"]]
+    parts, md = _summary_section(m)
+    for p, t in (_failure_section(m), _bias_section(m, bias)):
+        parts += p
+        md += t
+    parts += _gallery_section(out_dir, images)
+    prov = json.dumps({"fid_protocol": m["fid_protocol"], **m["provenance"]}, indent=2)
+    parts.append("<h2>Provenance</h2><pre>" + html.escape(prov) + "</pre>")
+    md += ["", "## Provenance", "", "```json", prov, "```"]
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}.warn{background:#fee;padding:.5em}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
              ".grid{display:flex;flex-wrap:wrap;gap:6px}figure{margin:0;width:130px;font-size:10px}")

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import EvalConfig
-from pipeline.io import atomic_path, write_parquet
+from t2i_curate.pipeline.config import EvalConfig
+from t2i_curate.pipeline.io import atomic_path, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,11 @@ def tiny_pipeline():
 def resolve_device_dtype(ecfg: EvalConfig):
     import torch
 
-    device = ecfg.device if ecfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from t2i_curate.pipeline.devices import model_dtype, pick_device
+
+    device = pick_device(ecfg.device)
     if ecfg.dtype == "auto":
-        dtype = torch.float16 if device == "cuda" else torch.float32
+        dtype = model_dtype(device)
     else:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[ecfg.dtype]
     return device, dtype
@@ -80,6 +82,9 @@ def resolve_device_dtype(ecfg: EvalConfig):
 def load_pipeline(ecfg: EvalConfig):
     """``(pipeline, description)``: the tiny pipeline, or any diffusers text-to-image checkpoint."""
     device, dtype = resolve_device_dtype(ecfg)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # its progress chatter; ours goes through tqdm
     if ecfg.model == "tiny":
         pipe = tiny_pipeline()
     else:
@@ -88,7 +93,7 @@ def load_pipeline(ecfg: EvalConfig):
         try:
             pipe = AutoPipelineForText2Image.from_pretrained(ecfg.model, torch_dtype=dtype)
         except OSError as e:
-            from pipeline.models import WeightsMissingError
+            from t2i_curate.pipeline.weights import WeightsMissingError
 
             raise WeightsMissingError(
                 f"eval.model {ecfg.model!r}: cannot load the pipeline ({e}). Give a local folder saved with "
@@ -98,7 +103,10 @@ def load_pipeline(ecfg: EvalConfig):
 
         cls = getattr(diffusers, ecfg.scheduler, None)
         if cls is None:
-            raise ValueError(f"eval.scheduler {ecfg.scheduler!r}: not a diffusers scheduler class")
+            from t2i_curate.pipeline.errors import UserError
+
+            raise UserError(f"eval.scheduler {ecfg.scheduler!r}: expected a diffusers scheduler class name, "
+                            f"e.g. DPMSolverMultistepScheduler")
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
     pipe = pipe.to(device, dtype) if ecfg.model == "tiny" else pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -177,7 +185,7 @@ def sample(ecfg: EvalConfig, prompts: list[dict], out_dir: Path, executor: str =
     if todo and executor == "ray":
         from functools import partial
 
-        from pipeline.executors import map_shards
+        from t2i_curate.pipeline.executors import map_shards
 
         n_chunks = max(1, min(len(todo), 2 * workers))
         chunks = [(i, tuple(tuple(sorted(r.items())) for r in todo[i::n_chunks])) for i in range(n_chunks)]

@@ -12,10 +12,12 @@ import csv
 import json
 from pathlib import Path
 
+from t2i_curate.pipeline.errors import UserError
+
 BUILTIN = Path(__file__).resolve().parent / "prompts"
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError):
     pass
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from filters.base import Batch, Scorer
+from t2i_curate.filters.base import Batch, Scorer
 
 
 class ResolutionScorer(Scorer):
     name = "resolution"
-    columns = ("shorter_side", "longer_side", "aspect_ratio", "megapixels")
+    columns = {"shorter_side": "BIGINT", "longer_side": "BIGINT", "aspect_ratio": "DOUBLE",
+               "megapixels": "DOUBLE"}
+    description = "shorter/longer side, aspect ratio (long/short) and megapixels of the original image"
 
     def score(self, batch: Batch) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {c: [] for c in self.columns}

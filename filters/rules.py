@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import re
 
-# Which scorer provides a column, for "needs the ... scorer" messages.
-COLUMN_PROVIDERS = {
-    "shorter_side": "resolution", "longer_side": "resolution",
-    "aspect_ratio": "resolution", "megapixels": "resolution",
-    "pwatermark": "watermark", "watermark_model": "watermark",
-    "aesthetic_score": "aesthetic", "aesthetic_model": "aesthetic",
-    "similarity": "clip_similarity", "similarity_model": "clip_similarity",
-}
+from t2i_curate.pipeline.errors import UserError
 
 _MISSING_COL = re.compile(r'Referenced column "?([^"\s]+)"? not found', re.IGNORECASE)
 
 
-class RuleError(ValueError):
+class RuleError(UserError):
     """A rule cannot run on the columns this run has."""
 
 
@@ -31,7 +24,9 @@ def missing_column(message: str) -> str | None:
 
 
 def explain_missing(rule_name: str, column: str) -> str:
-    scorer = COLUMN_PROVIDERS.get(column)
+    from t2i_curate.filters.registry import column_providers
+
+    scorer = column_providers().get(column)
     if scorer is None:
         return (f"rule {rule_name!r} uses column {column!r}, which no stage of this run "
                 f"provides (check the spelling, or the input's extra columns)")
@@ -39,8 +34,30 @@ def explain_missing(rule_name: str, column: str) -> str:
             f"'{scorer}' to score.scorers in the config, then run `curate score`")
 
 
-def decision_sql(rules: list, source: str = "samples") -> str:
-    """One query: key, state (selected/dropped/failed), rule, error, failed_stage."""
+# OpenCV's refusal of a header declaring more than OPENCV_IO_MAX_IMAGE_PIXELS, which the
+# download stage sets to download.max_image_pixels (a decompression bomb is never decoded)
+TOO_MANY_PIXELS = "too many pixels: the image header declares more than download.max_image_pixels"
+DOWNLOAD_ERROR = (f"CASE WHEN error_message LIKE '%CV_IO_MAX_IMAGE_PIXELS%' THEN '{TOO_MANY_PIXELS}' "
+                  f"ELSE error_message END")
+# rows refused before any fetch: a key of their own, never an img2dataset key (digits only)
+REFUSED_KEY = "printf('refused-%09d', input_row)"
+
+
+def refused_sql(source: str = "refused") -> str:
+    """Decisions of the refused rows: failed at download, with the refusal as the error."""
+    return (f"SELECT {REFUSED_KEY} AS key, 'failed' AS state, NULL::VARCHAR AS rule, reason AS error, "
+            f"'download' AS failed_stage FROM {source}")
+
+
+def decision_sql(rules: list, source: str | None = "samples", refused: str | None = None) -> str:
+    """One query: key, state (selected/dropped/failed), rule, error, failed_stage.
+
+    ``source``: the samples (None when nothing was fetched); ``refused``: the refused rows, if any.
+    """
+    if source is None:
+        cols = ", ".join(f"NULL::VARCHAR AS {c}" for c in ("key", "state", "rule", "error", "failed_stage"))
+        return refused_sql(refused) + "\nORDER BY key" if refused else f"SELECT {cols} LIMIT 0"
+    union = f"\nUNION ALL\n{refused_sql(refused)}" if refused else ""
     drop_cases = "".join(
         f"\n      WHEN NOT coalesce(({r.keep}), false) THEN '{r.name}'" for r in rules
     )
@@ -56,10 +73,10 @@ SELECT key,
        WHEN drop_rule IS NOT NULL THEN 'dropped'
        ELSE 'selected' END AS state,
   drop_rule AS rule,
-  CASE WHEN status <> 'success' THEN error_message
+  CASE WHEN status <> 'success' THEN {DOWNLOAD_ERROR}
        WHEN score_status IS DISTINCT FROM 'ok' THEN coalesce(score_error, 'not scored') END AS error,
   CASE WHEN status <> 'success' THEN 'download'
        WHEN score_status IS DISTINCT FROM 'ok' THEN 'score' END AS failed_stage
-FROM judged
+FROM judged{union}
 ORDER BY key
 """

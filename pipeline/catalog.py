@@ -11,20 +11,22 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.io import atomic_path, shard_ids
+from t2i_curate.pipeline.io import atomic_path, shard_ids
+from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-# view name -> (folder inside the run, file suffix); shard-numbered files only
+# view name -> the shard-numbered parquet files of a run that it reads
 SHARD_TABLES = {
-    "downloads": ("download", ".parquet"),
-    "scores": ("scores", ".parquet"),
-    "shards": ("selected", ".parquet"),
+    "downloads": lambda lay: [lay.download_parquet(i) for i in lay.finished_downloads()],
+    "scores": lambda lay: [lay.score_parquet(i) for i in shard_ids(lay.scores, ".parquet")],
+    "shards": lambda lay: [lay.selected_parquet(i) for i in shard_ids(lay.selected, ".parquet")],
 }
 # view name -> single file inside the run
 FILE_TABLES = {
-    "input": "download/_input.parquet",
-    "decisions": "selected/decisions.parquet",
+    "input": lambda lay: lay.input_file,
+    "refused": lambda lay: lay.refused_file,  # URLs refused before any fetch (pipeline/urlguard.py)
+    "decisions": lambda lay: lay.decisions,
 }
 
 
@@ -39,28 +41,21 @@ def _sql_list(paths: list[Path]) -> str:
     return "[" + ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in paths) + "]"
 
 
-def _finished_download_shards(run_dir: Path) -> list[int]:
-    from pipeline.download import finished_shards
-
-    return finished_shards(run_dir / "download")
-
-
 def view_statements(run_dir: Path) -> list[str]:
     """CREATE VIEW statements for every table present in the run."""
-    run_dir = Path(run_dir)
+    lay = RunLayout(Path(run_dir))
     stmts = []
-    for view, (folder, suffix) in SHARD_TABLES.items():
-        d = run_dir / folder
-        ids = _finished_download_shards(run_dir) if view == "downloads" else shard_ids(d, suffix)
-        if not ids:
+    for view, paths in SHARD_TABLES.items():
+        found = paths(lay)
+        if not found:
             continue
-        files = _sql_list([d / f"{i:05d}{suffix}" for i in ids])
+        files = _sql_list(found)
         stmts.append(
             f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({files}, union_by_name=true)"
         )
-    for view, rel in FILE_TABLES.items():
-        if (run_dir / rel).exists():
-            stmts.append(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({_sql_list([run_dir / rel])})")
+    for view, path in FILE_TABLES.items():
+        if path(lay).exists():
+            stmts.append(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({_sql_list([path(lay)])})")
     names = {s.split()[4] for s in stmts}
     if {"downloads", "scores"} <= names:
         stmts.append(
@@ -72,6 +67,10 @@ def view_statements(run_dir: Path) -> list[str]:
             "CREATE OR REPLACE VIEW samples AS SELECT *, NULL::VARCHAR AS score_status, "
             "NULL::VARCHAR AS score_error FROM downloads"
         )
+    elif "refused" in names:  # every URL was refused before any fetch: no sample, but the view exists
+        cols = ("key", "url", "caption", "status", "error_message", "score_status", "score_error")
+        stmts.append("CREATE OR REPLACE VIEW samples AS SELECT "
+                     + ", ".join(f"NULL::VARCHAR AS {c}" for c in cols) + ", NULL::BIGINT AS input_row LIMIT 0")
     if "decisions" in names:
         stmts.append(
             "CREATE OR REPLACE VIEW funnel AS SELECT "
@@ -79,15 +78,15 @@ def view_statements(run_dir: Path) -> list[str]:
             "coalesce(rule, failed_stage) AS reason, count(*) AS samples "
             "FROM decisions GROUP BY ALL ORDER BY samples DESC"
         )
-    stmts.extend(_eval_views(run_dir))
+    stmts.extend(_eval_views(lay))
     return stmts
 
 
-def _eval_views(run_dir: Path) -> list[str]:
+def _eval_views(lay: RunLayout) -> list[str]:
     """Eval tables (eval/<tag>/<table>.parquet) across every evaluated model."""
     stmts = []
     for table in ("eval_images", "eval_metrics", "eval_failures", "eval_bias"):
-        files = sorted((run_dir / "eval").glob(f"*/{table}.parquet"))
+        files = sorted(lay.eval.glob(f"*/{table}.parquet"))
         if files:
             stmts.append(
                 f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM "
@@ -111,7 +110,7 @@ def refresh_catalog(run_dir: Path) -> Path:
     import duckdb
 
     run_dir = Path(run_dir)
-    path = run_dir / "catalog.duckdb"
+    path = RunLayout(run_dir).catalog
     with atomic_path(path) as tmp:
         con = duckdb.connect(str(tmp))
         try:

@@ -3,41 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-import time
 from pathlib import Path
+
+from t2i_curate.pipeline.errors import UserError
 
 log = logging.getLogger("curate")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from eval.judges import LabelsError
-    from eval.metrics import ProtocolMismatchError
-    from eval.suites import SuiteError
-    from filters.rules import RuleError
-    from pipeline.config import ConfigError
-    from pipeline.download import InputError
-    from pipeline.executors import ShardFailure
-    from pipeline.funnel import AccountingError
-    from pipeline.models import WeightsMismatchError, WeightsMissingError
-    from pipeline.runfolder import RunFolderError
-    from pipeline.selection import StageOrderError
-    from pipeline.verify import VerifyError
-
-    return (ConfigError, InputError, RunFolderError, RuleError, StageOrderError, AccountingError, ShardFailure,
-            WeightsMissingError, WeightsMismatchError, VerifyError, SuiteError, LabelsError, ProtocolMismatchError)
-
-
 def _config(args):
-    from pipeline.config import load_config
+    from t2i_curate.pipeline.config import load_config
 
     overrides = list(args.set or [])
     if getattr(args, "urls", None):
         overrides.append(f"input.urls={args.urls}")
     if getattr(args, "model", None):
         overrides.append(f"eval.model={args.model}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    from t2i_curate.filters.registry import configured
+
+    configured(cfg.score)  # an unknown scorer name is refused before any work
+    return cfg
 
 
 def _summary(title: str, rows: list[tuple[str, object]]) -> None:
@@ -56,8 +44,8 @@ def _summary(title: str, rows: list[tuple[str, object]]) -> None:
 
 
 def cmd_download(args) -> dict:
-    from pipeline.download import download_stage, read_url_list
-    from pipeline.runfolder import prepare_run, url_source
+    from t2i_curate.pipeline.download import download_stage, read_url_list
+    from t2i_curate.pipeline.runfolder import prepare_run, url_source
 
     cfg = _config(args)
     with url_source(cfg) as urls:
@@ -66,54 +54,49 @@ def cmd_download(args) -> dict:
 
 
 def cmd_retry_failed(args) -> dict:
-    from pipeline.download import retry_failed
-    from pipeline.runfolder import prepare_run, url_source
+    from t2i_curate.pipeline.download import retry_failed
+    from t2i_curate.pipeline.runfolder import prepare_run, url_source
 
     cfg = _config(args)
     run = prepare_run(cfg)
     with url_source(cfg) as urls:
-        from pipeline.download import prepare_input
+        from t2i_curate.pipeline.download import prepare_input
 
         prepare_input(run, urls, cfg.input)  # fresh URLs (the demo server's port changes)
         return retry_failed(cfg, run)
 
 
 def cmd_score(args) -> dict:
-    from pipeline.download import finished_shards
-    from pipeline.runfolder import prepare_run
-    from pipeline.score import score_stage
+    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.runfolder import prepare_run
+    from t2i_curate.pipeline.score import score_stage
 
     cfg = _config(args)
     run = prepare_run(cfg)
-    return score_stage(cfg, run, finished_shards(run / "download"))
+    return score_stage(cfg, run, RunLayout(run).finished_downloads())
 
 
 def cmd_select(args) -> dict:
-    from pipeline.runfolder import prepare_run
-    from pipeline.selection import select_stage
+    from t2i_curate.pipeline.runfolder import prepare_run
+    from t2i_curate.pipeline.selection import select_stage
 
     cfg = _config(args)
     return select_stage(cfg, prepare_run(cfg))
 
 
 def cmd_write(args) -> dict:
-    from pipeline.runfolder import prepare_run
-    from pipeline.write import write_stage
+    from t2i_curate.pipeline.runfolder import prepare_run
+    from t2i_curate.pipeline.write import write_stage
 
     cfg = _config(args)
     run = prepare_run(cfg)
-    return write_stage(cfg, run, _model_manifest(run))
+    from t2i_curate.pipeline.run import model_manifest
 
-
-def _model_manifest(run: Path) -> dict:
-    from pipeline.score import read_provenance
-
-    prov = read_provenance(run)
-    return {"models": prov, "tiny_models": any(v.get("tiny") == "true" for v in prov.values())}
+    return write_stage(cfg, run, model_manifest(run))
 
 
 def cmd_funnel(args) -> dict:
-    from pipeline.funnel import funnel
+    from t2i_curate.pipeline.funnel import funnel
 
     run = _run_dir(args)
     f = funnel(run)
@@ -131,110 +114,61 @@ def _print_funnel(f: dict) -> None:
 
 
 def cmd_run(args) -> dict:
-    from pipeline.catalog import refresh_catalog
-    from pipeline.download import download_stage, finished_shards, read_url_list
-    from pipeline.funnel import funnel
-    from pipeline.runfolder import prepare_run, url_source
-    from pipeline.score import score_stage
-    from pipeline.selection import select_stage
-    from pipeline.write import write_stage
+    from t2i_curate.pipeline.run import run_curation
 
-    cfg = _config(args)
-    times = {}
-    t = time.perf_counter()
-    with url_source(cfg) as urls:
-        table = read_url_list(urls, cfg.input)
-        run = prepare_run(cfg)
-        d = download_stage(cfg, run, urls, table)
-    times["download"] = time.perf_counter() - t
-    t = time.perf_counter()
-    s = score_stage(cfg, run, finished_shards(run / "download"))
-    times["score"] = time.perf_counter() - t
-    t = time.perf_counter()
-    sel = select_stage(cfg, run)
-    times["select"] = time.perf_counter() - t
-    t = time.perf_counter()
-    w = write_stage(cfg, run, _model_manifest(run))
-    times["write"] = time.perf_counter() - t
-    refresh_catalog(run)
-    f = funnel(run)
-    _print_funnel(f)
-    from pipeline.verify import check_run
-
-    check_run(run)
-    log.info("verify: %s is consistent (shards, parquet, manifest, accounting)", run)
-    _summary(f"run {run}", [
+    r = run_curation(_config(args))
+    _print_funnel(r["funnel"])
+    d, s, sel, w = r["download"], r["score"], r["select"], r["write"]
+    _summary(f"run {r['run']}", [
         ("downloaded ok / failed", f"{d['success']} / {d['failed']}"),
         ("scored / failed / skipped shards", f"{s['scored']} / {s['failed']} / {s['skipped']}"),
         ("selected / dropped / failed", f"{sel['selected']} / {sel['dropped']} / {sel['failed']}"),
         ("shards written (skipped)", f"{w['shards']} ({w['skipped']})"),
-        *[(f"{k} seconds", f"{v:.1f}") for k, v in times.items()],
+        *[(f"{k} seconds", f"{v:.1f}") for k, v in r["seconds"].items()],
     ])
-    return {"written": f["written"]}
+    return {"written": r["funnel"]["written"]}
 
 
 def cmd_weights(args) -> dict:
-    """Fetch every real weight the config needs (or all of MODELS.md with --all)."""
-    from pipeline.models import WEIGHT_FILES, fetch_all, needed_weights
+    """Fetch every real weight the config needs (or every scorer's with --all)."""
+    from t2i_curate.filters.registry import all_weights, needed_weights
+    from t2i_curate.pipeline.weights import fetch_all
 
     cfg = _config(args)
     scfg = cfg.score.model_copy(deep=True)
     scfg.models.preset = "real"
-    if args.all:
-        clips = sorted({scfg.models.aesthetic_clip, scfg.models.similarity_clip, "ViT-L-14/openai", "ViT-B-32/openai"})
-        heads = list(WEIGHT_FILES.values())
-    else:
-        clips, heads = needed_weights(scfg)
-    paths = fetch_all(scfg.models, clips, heads)
+    clips, files = all_weights(scfg) if args.all else needed_weights(scfg)
+    paths = fetch_all(scfg.models, clips, files)
     _summary("weights", list(paths.items()))
     return paths
 
 
-def _eval_dir(cfg) -> Path:
-    tag = cfg.eval.tag or "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.eval.model.strip("/"))
-    return cfg.run_dir / "eval" / tag
-
-
 def cmd_eval(args) -> dict:
     """Sample the model over the prompt suites, measure, and write the report."""
-    from eval.measure import measure
-    from eval.report import build_report
-    from eval.sampler import sample
-    from eval.suites import load_suites
-    from pipeline.catalog import refresh_catalog
+    from t2i_curate.eval.evaluate import run_eval
 
-    cfg = _config(args)
-    if cfg.eval.reference == "run" and not (cfg.run_dir / "selected" / "manifest.json").exists():
-        from pipeline.selection import StageOrderError
-
-        raise StageOrderError(f"eval.reference=run but {cfg.run_dir} has no curated shards: run `make filter` "
-                              f"(curate run --config {args.config}) first, or set eval.reference to a folder")
-    out = _eval_dir(cfg)
-    prompts = load_suites(cfg.eval.suites, cfg.eval.max_prompts_per_suite)
-    t = time.perf_counter()
-    sample(cfg.eval, prompts, out, executor=cfg.executor, workers=cfg.workers, ray_cfg=cfg.ray)
-    t_sample = time.perf_counter() - t
-    t = time.perf_counter()
-    m = measure(cfg, cfg.run_dir, out)
-    t_measure = time.perf_counter() - t
-    html_path, _ = build_report(out)
-    refresh_catalog(cfg.run_dir)
+    m = run_eval(_config(args))
     rows = [("images", m["n_images"]), ("FID", f"{m['fid']:.2f} ({m['fid_protocol']['feature']})"),
             ("KID", f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}"), ("CLIP score", f"{m['clip_score']:.2f}")]
     rows += [(f"failure {f['category']} / {f['judge']}", f"{f['rate']:.2f} [{f['ci_low']:.2f}, {f['ci_high']:.2f}]")
              for f in m["failures"] if f["n"]]
     if m["bias"]:
         rows.append(("gender MAD / skin-tone MAD", f"{m['bias']['gender_mad']} / {m['bias']['skin_tone_mad']}"))
-    rows += [("sample seconds", f"{t_sample:.1f}"), ("measure seconds", f"{t_measure:.1f}"), ("report", html_path)]
+    rows += [(f"{k} seconds", f"{v:.1f}") for k, v in m["seconds"].items()] + [("report", m["report"])]
     _summary("eval" + (" (TINY RANDOM PIPELINE: numbers not meaningful)" if m["tiny_model"] else ""), rows)
     return m
 
 
 def cmd_report(args) -> dict:
-    from eval.report import build_report
+    from t2i_curate.eval.evaluate import eval_dir
+    from t2i_curate.eval.report import build_report
 
-    cfg = _config(args)
-    paths = build_report(Path(args.eval_dir) if args.eval_dir else _eval_dir(cfg))
+    if args.eval_dir:
+        folder = Path(args.eval_dir)
+    else:  # the config's eval tag, in --run DIR or the config's run folder
+        cfg = _config(args)
+        folder = _run_dir(args) / eval_dir(cfg).relative_to(cfg.run_dir)
+    paths = build_report(folder)
     log.info("report: %s, %s", *paths)
     return {}
 
@@ -243,7 +177,7 @@ def cmd_compare(args) -> dict:
     """Side by side metrics of evaluated models; refuses FID/KID computed differently."""
     import json
 
-    from eval.metrics import check_comparable
+    from t2i_curate.eval.fid import check_comparable
 
     ms = [json.loads((Path(p) / "metrics.json" if Path(p).is_dir() else Path(p)).read_text()) for p in args.evals]
     for m in ms[1:]:
@@ -255,19 +189,21 @@ def cmd_compare(args) -> dict:
 
 
 def cmd_verify(args) -> dict:
-    from pipeline.verify import check_run
+    from t2i_curate.pipeline.verify import check_run
 
-    run = Path(args.run_dir) if args.run_dir else _config(args).run_dir
+    run = _run_dir(args)
     check_run(run)
     log.info("verify: %s is consistent (shards, parquet, manifest, accounting)", run)
     return {}
 
 
 def _run_dir(args) -> Path:
-    if getattr(args, "run", None):
-        run = Path(args.run)
+    """``--run DIR`` (every read-only command takes it; ``verify`` also as its positional), else the config's."""
+    given = getattr(args, "run", None) or getattr(args, "run_dir", None)
+    if given:
+        run = Path(given)
         if not run.is_dir():
-            from pipeline.runfolder import RunFolderError
+            from t2i_curate.pipeline.runfolder import RunFolderError
 
             raise RunFolderError(f"--run {run}: no such run folder")
         return run
@@ -275,7 +211,7 @@ def _run_dir(args) -> Path:
 
 
 def cmd_query(args) -> dict:
-    from pipeline.catalog import arrow, open_run, refresh_catalog
+    from t2i_curate.pipeline.catalog import arrow, open_run, refresh_catalog
 
     run = _run_dir(args)
     refresh_catalog(run)
@@ -286,7 +222,7 @@ def cmd_query(args) -> dict:
         table = arrow(con, args.sql)
     except duckdb.Error as e:
         views = [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
-        from pipeline.config import ConfigError
+        from t2i_curate.pipeline.config import ConfigError
 
         raise ConfigError(f"query failed: {e}\nviews in this run: {', '.join(sorted(views))}") from None
     _emit(table, args.format, args.output)
@@ -309,7 +245,7 @@ def _emit(table, fmt: str, output: str | None) -> None:
             log.info("showing 200 of %d rows; use --format csv/json/parquet --output FILE for all", table.num_rows)
         return
     if fmt == "parquet" and not output:
-        from pipeline.config import ConfigError
+        from t2i_curate.pipeline.config import ConfigError
 
         raise ConfigError("--format parquet needs --output FILE")
     if fmt == "parquet":
@@ -363,13 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="rebuild report.html / report.md from saved eval files")
     sp.add_argument("eval_dir", nargs="?", help="runs/<name>/eval/<tag> (default: from the config)")
     _common(sp, urls=False)
+    sp.add_argument("--run", help="run folder (default: from the config)")
     sp.set_defaults(fn=cmd_report)
     sp = sub.add_parser("compare", help="compare evaluated models; refuses FID/KID computed differently")
     sp.add_argument("evals", nargs="+", help="eval folders (runs/<name>/eval/<tag>) or metrics.json files")
     sp.set_defaults(fn=cmd_compare)
     sp = sub.add_parser("verify", help="check every shard against its parquet and the manifest; exit 1 on problems")
-    sp.add_argument("run_dir", nargs="?", help="run folder (default: from the config)")
+    sp.add_argument("run_dir", nargs="?", help="run folder (same as --run; default: from the config)")
     _common(sp, urls=False)
+    sp.add_argument("--run", help="run folder (default: from the config)")
     sp.set_defaults(fn=cmd_verify)
     sp = sub.add_parser("funnel", help="count written / dropped / failed samples of a run")
     _common(sp, urls=False)
@@ -397,24 +335,32 @@ def setup_logging(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)],
     )
-    for ours in ("curate", "pipeline", "filters", "eval"):
+    for ours in ("curate", "t2i_curate"):
         logging.getLogger(ours).setLevel(level)
-    try:
-        from diffusers.utils import logging as dlog
 
-        dlog.set_verbosity_error()
-    except ImportError:
-        log.debug("diffusers not installed; eval is unavailable")
+
+# commands that write the run folder hold its lock for their whole duration; readers take none
+WRITERS = frozenset({"run", "download", "retry-failed", "score", "select", "write", "eval"})
+
+
+def _lock(args):
+    """The run folder's lock for a writing command, taken before any download or demo server."""
+    if args.command not in WRITERS:
+        return contextlib.nullcontext()
+    from t2i_curate.pipeline.runfolder import run_lock
+
+    return run_lock(_config(args).run_dir, f"curate {args.command}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        args.fn(args)
-    except _user_errors() as e:
+        with _lock(args):
+            args.fn(args)
+    except UserError as e:  # input, config, stage order, incomplete work: one message, no traceback
         log.error("%s", e)
-        return 1 if type(e).__name__ in ("ShardFailure", "VerifyError") else 2
+        return e.exit_code
     except KeyboardInterrupt:
         log.error("interrupted; finished shards are kept, rerun the same command to resume")
         return 130

@@ -10,15 +10,17 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from t2i_curate.pipeline.errors import UserError
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override is invalid; the message names key and file."""
 
 
@@ -58,12 +60,21 @@ class DownloadConfig(_Strict):
     )
     min_image_size: int = Field(0, ge=0)
     max_aspect_ratio: float = Field(float("inf"), gt=0)
+    # URL safety: only these schemes are fetched (file://, data:, ftp:// ... end `failed`), and
+    # hosts that are literal loopback / private / link-local addresses or `localhost` are refused
+    # unless allowed (the demo and tests serve on 127.0.0.1). Hostnames resolving to private
+    # addresses are not checked.
+    allowed_schemes: list[str] = Field(default_factory=lambda: ["http", "https"])
+    allow_private_addresses: bool = False
+    # decompression bombs: images whose header declares more pixels are refused before decoding
+    # (Pillow's default limit); OpenCV in img2dataset's workers gets it as OPENCV_IO_MAX_IMAGE_PIXELS
+    max_image_pixels: int = Field(89_478_485, ge=1)
 
 
 class ModelsConfig(_Strict):
-    # "tiny": toy-sized models with seeded random weights (tests, offline demo).
-    # "real": the LAION / OpenAI models of MODELS.md.
-    preset: Literal["tiny", "real"] = "tiny"
+    # "real": the LAION / OpenAI models of MODELS.md (every preset but the demo).
+    # "tiny": toy-sized models with seeded random weights (the offline demo and tests only).
+    preset: Literal["tiny", "real"] = "real"
     cache_dir: str | None = None  # default: $CURATE_WEIGHTS or ~/.cache/t2i-curate
     similarity_clip: str = "ViT-B-32/openai"
     aesthetic_clip: str = "ViT-L-14/openai"
@@ -73,12 +84,15 @@ class ModelsConfig(_Strict):
 
 
 class ScoreConfig(_Strict):
-    scorers: list[Literal["resolution", "watermark", "aesthetic", "clip_similarity"]] = Field(
-        default_factory=lambda: ["resolution"]
-    )
+    # scorer names (filters/*.py, one file each); checked against the scorers before any work
+    scorers: list[str] = Field(default_factory=lambda: ["resolution"])
     batch_size: int = Field(32, ge=1)
     # DataLoader processes decoding ahead of the models (per scoring process); 0: in-process
     decode_workers: int = Field(0, ge=0)
+    # "exact": full decode, then the reference transforms (LAION's scripts' inputs, to float rounding).
+    # "fast": JPEG draft decoding to the smallest scale still >= the largest model input, then the
+    # same transforms; faster on large JPEGs, inputs differ slightly (see bench/README.md).
+    decode: Literal["exact", "fast"] = "exact"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_embeddings: bool = True
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -140,8 +154,11 @@ class EvalConfig(_Strict):
     fid_antialias: bool = False  # False: comparable with pytorch-fid / torch-fidelity
     feature_clip: str = "ViT-L-14/openai"  # CLIP features for FID when no Inception weights
     clip_score_model: str = "ViT-L-14/openai"
+    # the CLIPs of CLIP score, FID features and judges: "auto" = tiny only for the tiny pipeline
+    models: Literal["auto", "tiny", "real"] = "auto"
     labels: str | None = None  # csv: image_id, category, failed (yes/no)
-    judges: list[Literal["clip_contrast", "probe"]] = Field(default_factory=lambda: ["clip_contrast", "probe"])
+    # failure judges (eval/judge_*.py, one file each); checked against them when eval starts
+    judges: list[str] = Field(default_factory=lambda: ["clip_contrast", "probe"])
     bias_reference: str | None = None  # csv: occupation, attribute, value, share
 
 
@@ -169,21 +186,19 @@ class RunConfig(_Strict):
         return Path(self.runs_dir) / self.name
 
     def fingerprint(self) -> str:
-        """Hash of the settings that change outputs (not parallelism or paths)."""
-        d = self.model_dump(mode="json")
-        for k in ("runs_dir", "executor", "workers", "name"):
-            d.pop(k)
+        """Hash of the settings that change downloads (not parallelism or paths).
+
+        Scoring, selection, writing and eval settings may change in the same run folder: the
+        score stage re-scores a shard whose scorer settings differ, and the later stages redo
+        their work, so changing scorers never forces a new download.
+        """
+        d = self.model_dump(mode="json", include={"input", "download"})
         for k in ("processes", "threads", "distributor"):
             d["download"].pop(k)
-        for k in ("batch_size", "decode_workers", "device"):
-            d["score"].pop(k)
-        d["score"]["models"].pop("cache_dir")
-        # Selection and writing can be changed and rerun in the same folder.
-        d.pop("select")
-        d.pop("write")
-        d.pop("eval")
-        d.pop("ray")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    # top-level sections a run folder's fingerprint leaves out (listed for the refusal message)
+    REDOABLE: ClassVar[tuple[str, ...]] = ("score", "select", "write", "eval", "ray", "workers", "executor", "runs_dir", "name")
 
 
 def resolve_preset(name_or_path: str) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import atomic_path, write_parquet
+from t2i_curate.pipeline.io import atomic_path, write_parquet
 
 log = logging.getLogger(__name__)
 

@@ -10,33 +10,33 @@ finished shards and merges the successes back under their original keys.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import shutil
-import tarfile
 from pathlib import Path
 
-from pipeline.catalog import arrow
-from pipeline.config import InputConfig, RunConfig
-from pipeline.io import atomic_path, shard_ids, write_json, write_parquet
+from t2i_curate.pipeline.catalog import arrow
+from t2i_curate.pipeline.config import InputConfig, RunConfig
+from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.io import write_json, write_parquet
+from t2i_curate.pipeline.layout import RunLayout, shard_of_key
+from t2i_curate.pipeline.tars import read_samples, write_samples
 
 log = logging.getLogger(__name__)
 
-INPUT_FILE = "_input.parquet"
-# Columns img2dataset or our scorers write; an input column equal to one of
-# these (ignoring case) is carried as ``input_<name>`` instead, so no two
-# columns differ only by case (DuckDB would rename one of them silently).
-RESERVED = {
+# Columns img2dataset writes; with every scorer's columns (filters.registry), an input column
+# equal to one of these (ignoring case) is carried as ``input_<name>`` instead, so no two columns
+# differ only by case (DuckDB would rename one of them silently).
+IMG2DATASET_COLUMNS = {
     "key", "url", "caption", "status", "error_message", "width", "height",
     "original_width", "original_height", "exif", "md5", "sha256", "sha512",
-    "similarity", "pwatermark", "punsafe", "aesthetic_score",
+    "punsafe",  # LAION's NSFW score column: reserved for the scorer that will write it
 }
 ALIASES = {"aesthetic": "aesthetic_score"}  # LAION spellings of our columns
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """The URL list cannot be used; the message says what was expected."""
 
 
@@ -135,10 +135,13 @@ def normalise_input(table, icfg: InputConfig):
         if missing:
             raise InputError(f"input.extra_columns: not in the input: {missing}; found {others}")
         others = list(icfg.extra_columns)
+    from t2i_curate.filters.registry import score_columns
+
+    reserved = IMG2DATASET_COLUMNS | {c.lower() for c in score_columns()}
     renamed, seen = [], {c.lower() for c in keep_base}
     for c in others:
         low = ALIASES.get(c.lower(), c.lower())
-        new = f"input_{low}" if low in RESERVED else c
+        new = f"input_{low}" if low in reserved else c
         if new.lower() in seen:
             raise InputError(f"input column {c!r} collides with another column as {new!r}")
         seen.add(new.lower())
@@ -159,7 +162,7 @@ def prepare_input(run_dir: Path, url_path: Path, icfg: InputConfig, table=None) 
     if table is None:
         table = read_url_list(url_path, icfg)
     table, extras = normalise_input(table, icfg)
-    out = run_dir / "download" / INPUT_FILE
+    out = RunLayout(run_dir).input_file
     write_parquet(out, table)
     return out, extras
 
@@ -195,12 +198,17 @@ def _img2dataset_kwargs(cfg: RunConfig, extras: list[str]) -> dict:
     )
 
 
-def run_img2dataset(url_list: Path, output: Path, kwargs: dict, ray_cfg=None) -> None:
+def run_img2dataset(url_list: Path, output: Path, kwargs: dict, ray_cfg=None, max_pixels: int | None = None) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if max_pixels is not None:
+        # OpenCV reads it once per process, at its first decode: img2dataset's worker processes
+        # (spawned, or Ray workers via ensure_ray's runtime_env) inherit it and refuse an image
+        # whose header declares more pixels before allocating it (see TOO_MANY_PIXELS).
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
     from img2dataset import download as i2d_download
 
     if kwargs.get("distributor") == "ray":  # img2dataset's Ray distributor needs a connected cluster
-        from pipeline.ray_executor import ensure_ray
+        from t2i_curate.pipeline.ray_executor import ensure_ray
 
         ensure_ray(ray_cfg)
     output.mkdir(parents=True, exist_ok=True)
@@ -208,38 +216,67 @@ def run_img2dataset(url_list: Path, output: Path, kwargs: dict, ray_cfg=None) ->
     i2d_download(url_list=str(url_list), output_folder=str(output), **kwargs)
 
 
-def finished_shards(download_dir: Path) -> list[int]:
-    """Shards img2dataset finished (its stats file is written last)."""
-    return [s for s in shard_ids(download_dir, "_stats.json")
-            if (download_dir / f"{s:05d}.parquet").exists() and (download_dir / f"{s:05d}.tar").exists()]
-
-
 def expected_shards(n_rows: int, per_shard: int) -> int:
     return (n_rows + per_shard - 1) // per_shard
+
+
+def split_refused(cfg: RunConfig, lay: RunLayout) -> tuple[Path, int]:
+    """Write the rows img2dataset may fetch to ``_fetch.parquet`` and the refused ones, with
+    their reasons, to ``_refused.parquet`` (removed when none); return (fetch list, refused)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from t2i_curate.pipeline.urlguard import url_refusal
+
+    table = pq.read_table(lay.input_file)
+    reasons = [url_refusal(u, cfg.download) for u in table[cfg.input.url_col].to_pylist()]
+    refused = [i for i, r in enumerate(reasons) if r is not None]
+    allowed = pa.array([r is None for r in reasons], type=pa.bool_())
+    write_parquet(lay.fetch_file, table.filter(allowed))
+    if not refused:
+        lay.refused_file.unlink(missing_ok=True)
+        return lay.fetch_file, 0
+    idx = pa.array(refused, type=pa.int64())
+    caps = (table[cfg.input.caption_col].take(idx) if cfg.input.caption_col
+            else pa.nulls(len(refused), pa.string()))
+    write_parquet(lay.refused_file, pa.table({
+        "input_row": table["input_row"].take(idx),
+        "url": table[cfg.input.url_col].take(idx).cast(pa.string()),
+        "caption": caps,
+        "reason": pa.array([reasons[i] for i in refused], type=pa.string()),
+    }))
+    log.warning("download: %d of %d URLs refused before any fetch (see %s)",
+                len(refused), table.num_rows, lay.refused_file)
+    return lay.fetch_file, len(refused)
 
 
 def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) -> dict:
     """Download every unfinished shard; return counts. ``table``: the list, already validated."""
     import pyarrow.parquet as pq
 
-    input_path, extras = prepare_input(run_dir, url_path, cfg.input, table)
-    out = run_dir / "download"
-    n_rows = pq.read_metadata(input_path).num_rows
-    todo = expected_shards(n_rows, cfg.download.samples_per_shard) - len(finished_shards(out))
+    lay = RunLayout(run_dir)
+    _, extras = prepare_input(run_dir, url_path, cfg.input, table)
+    fetch_path, n_refused = split_refused(cfg, lay)
+    out = lay.download
+    n_rows = pq.read_metadata(fetch_path).num_rows
+    todo = expected_shards(n_rows, cfg.download.samples_per_shard) - len(lay.finished_downloads())
     if todo > 0:  # img2dataset would skip finished shards too, but only after starting its pool
-        run_img2dataset(input_path, out, _img2dataset_kwargs(cfg, extras), cfg.ray)
+        run_img2dataset(fetch_path, out, _img2dataset_kwargs(cfg, extras), cfg.ray, cfg.download.max_image_pixels)
+    elif n_rows == 0:
+        log.warning("download: every URL was refused; nothing to fetch")
     else:
-        log.info("download: all %d shards finished already", len(finished_shards(out)))
-    return download_summary(out)
+        log.info("download: all %d shards finished already", len(lay.finished_downloads()))
+    d = download_summary(lay)  # refused rows count as failed downloads
+    return {**d, "rows": d["rows"] + n_refused, "failed": d["failed"] + n_refused, "refused": n_refused}
 
 
-def download_summary(download_dir: Path) -> dict:
+def download_summary(lay: RunLayout) -> dict:
     import duckdb
 
-    shards = finished_shards(download_dir)
+    shards = lay.finished_downloads()
     if not shards:
         return {"shards": 0, "rows": 0, "success": 0, "failed": 0}
-    files = [str(download_dir / f"{s:05d}.parquet") for s in shards]
+    files = [str(lay.download_parquet(s)) for s in shards]
     row = duckdb.connect().execute(
         "SELECT count(*), count(*) FILTER (status = 'success') FROM read_parquet(?)", [files]
     ).fetchall()[0]
@@ -256,9 +293,8 @@ def retry_failed(cfg: RunConfig, run_dir: Path, url_path: Path | None = None) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    ddir = run_dir / "download"
-    shards = finished_shards(ddir)
-    files = [str(ddir / f"{s:05d}.parquet") for s in shards]
+    lay = RunLayout(run_dir)
+    files = [str(lay.download_parquet(s)) for s in lay.finished_downloads()]
     if not files:
         return {"retried": 0, "recovered": 0}
     con = duckdb.connect()
@@ -267,94 +303,86 @@ def retry_failed(cfg: RunConfig, run_dir: Path, url_path: Path | None = None) ->
     if failed.num_rows == 0:
         return {"retried": 0, "recovered": 0}
     # Rows come from the current input (its URLs may have been refreshed), by input_row.
-    current = pq.read_table(ddir / INPUT_FILE)
+    current = pq.read_table(lay.input_file)
     rows = current.take(pa.array(failed["input_row"].to_pylist(), type=pa.int64()))
-    retry_in = rows.append_column("_orig_key", failed["key"])
-    work = ddir / "_retry"
+    retry_in = _allowed_only(cfg, rows.append_column("_orig_key", failed["key"]))
+    if retry_in.num_rows == 0:
+        return {"retried": 0, "recovered": 0}
+    work = lay.retry_dir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     pq.write_table(retry_in, work / "input.parquet")
     extras = [c for c in retry_in.column_names if c not in (cfg.input.url_col, cfg.input.caption_col)]
     kwargs = _img2dataset_kwargs(cfg, extras)
-    kwargs["number_sample_per_shard"] = max(1, failed.num_rows)
-    run_img2dataset(work / "input.parquet", work / "out", kwargs)
+    kwargs["number_sample_per_shard"] = max(1, retry_in.num_rows)
+    run_img2dataset(work / "input.parquet", work / "out", kwargs, cfg.ray, cfg.download.max_image_pixels)
     new_meta = pq.read_table(work / "out" / "00000.parquet")
     new_rows = {r["_orig_key"]: r for r in new_meta.to_pylist()}
-    new_samples = _read_tar_samples(work / "out" / "00000.tar")
+    new_samples = read_samples(work / "out" / "00000.tar") if (work / "out" / "00000.tar").exists() else {}
     by_shard: dict[int, list[str]] = {}
     for k in new_rows:
-        by_shard.setdefault(_shard_of(k), []).append(k)
+        by_shard.setdefault(shard_of_key(k), []).append(k)
     recovered = 0
     for shard, keys in sorted(by_shard.items()):
-        recovered += _merge_retry(ddir, shard, {k: new_rows[k] for k in keys}, new_samples)
+        recovered += _merge_retry(lay, shard, {k: new_rows[k] for k in keys}, new_samples)
     shutil.rmtree(work, ignore_errors=True)
-    log.info("retry-failed: %d rows retried, %d recovered", failed.num_rows, recovered)
-    return {"retried": failed.num_rows, "recovered": recovered}
+    log.info("retry-failed: %d rows retried, %d recovered", retry_in.num_rows, recovered)
+    return {"retried": retry_in.num_rows, "recovered": recovered}
 
 
-def _shard_of(key: str) -> int:
-    # img2dataset keys are shard id (5 digits here) followed by the in-shard index.
-    return int(key[:5])
-
-
-def _read_tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    if not path.exists():
-        return samples
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.partition(".")
-            samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return samples
-
-
-def _merge_retry(ddir: Path, shard: int, rows: dict, new_samples: dict) -> int:
-    """Rewrite shard ``shard`` with the successful retried rows; return how many."""
+def _allowed_only(cfg: RunConfig, rows):
+    """The retry rows whose (possibly refreshed) URL ``url_refusal`` allows; the others keep
+    their earlier failure."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    name = f"{shard:05d}"
-    old = pq.read_table(ddir / f"{name}.parquet")
-    schema = old.schema
-    out_rows, recovered, additions = [], 0, {}
-    for r in old.to_pylist():
+    from t2i_curate.pipeline.urlguard import url_refusal
+
+    ok = [url_refusal(u, cfg.download) is None for u in rows[cfg.input.url_col].to_pylist()]
+    if not all(ok):
+        log.warning("retry-failed: %d refreshed URL(s) refused, not retried", ok.count(False))
+    return rows.filter(pa.array(ok, type=pa.bool_()))
+
+
+def _merged_rows(old_rows: list[dict], names: list[str], rows: dict, new_samples: dict):
+    """The shard's rows with the retried successes merged in under their original keys, and
+    those samples' members (json rewritten to the original key)."""
+    out_rows, additions = [], {}
+    for r in old_rows:
         nr = rows.get(r["key"])
         if nr is not None and nr["status"] == "success":
-            tmp_key = nr["key"]
-            merged = {c: nr.get(c, r.get(c)) for c in schema.names}
+            merged = {c: nr.get(c, r.get(c)) for c in names}
             merged["key"] = r["key"]
             out_rows.append(merged)
-            sample = dict(new_samples.get(tmp_key, {}))
-            if "json" in sample:
-                meta = json.loads(sample["json"])
+            parts = dict(new_samples.get(nr["key"], []))
+            if "json" in parts:
+                meta = json.loads(parts["json"])
                 meta.pop("_orig_key", None)
                 meta["key"] = r["key"]
-                sample["json"] = json.dumps(meta, indent=4).encode()
-            additions[r["key"]] = sample
-            recovered += 1
+                parts["json"] = json.dumps(meta, indent=4).encode()
+            additions[r["key"]] = sorted(parts.items())
         else:
             if nr is not None:  # still failing: keep the newest error
                 r = {**r, "status": nr["status"], "error_message": nr["error_message"]}
             out_rows.append(r)
-    if not additions and recovered == 0:
-        write_parquet(ddir / f"{name}.parquet", pa.Table.from_pylist(out_rows, schema=schema))
+    return out_rows, additions
+
+
+def _merge_retry(lay: RunLayout, shard: int, rows: dict, new_samples: dict) -> int:
+    """Rewrite shard ``shard`` with the successful retried rows; return how many."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    old = pq.read_table(lay.download_parquet(shard))
+    out_rows, additions = _merged_rows(old.to_pylist(), old.schema.names, rows, new_samples)
+    if additions:
+        # a sample a crashed earlier merge already added is not copied twice
+        kept = [(k, parts) for k, parts in read_samples(lay.download_tar(shard)).items() if k not in additions]
+        write_samples(lay.download_tar(shard), kept + sorted(additions.items()))
+    write_parquet(lay.download_parquet(shard), pa.Table.from_pylist(out_rows, schema=old.schema))
+    if not additions:
         return 0
-    with atomic_path(ddir / f"{name}.tar") as tmp_tar:
-        with tarfile.open(ddir / f"{name}.tar") as src, tarfile.open(tmp_tar, "w") as dst:
-            for m in src:
-                # skip a sample a crashed earlier merge already added
-                if m.isfile() and m.name.partition(".")[0] not in additions:
-                    dst.addfile(m, src.extractfile(m))
-            for key, parts in sorted(additions.items()):
-                for ext, data in sorted(parts.items()):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    info.mode = 0o444
-                    dst.addfile(info, io.BytesIO(data))
-    write_parquet(ddir / f"{name}.parquet", pa.Table.from_pylist(out_rows, schema=schema))
-    stats_path = ddir / f"{name}_stats.json"
+    recovered = len(additions)
+    stats_path = lay.download_stats(shard)
     try:
         stats = json.loads(stats_path.read_text())
     except (OSError, ValueError) as e:

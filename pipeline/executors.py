@@ -15,6 +15,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_compl
 from dataclasses import dataclass, field
 from typing import Any
 
+from t2i_curate.pipeline.errors import StageIncomplete
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ class ShardResults:
             )
 
 
-class ShardFailure(RuntimeError):  # noqa: N818 (reads better at the call site)
+class ShardFailure(StageIncomplete):  # noqa: N818 (reads better at the call site)
     pass
 
 
@@ -82,9 +84,9 @@ def map_shards(
 
 def _run(fn, items, workers, executor, initializer, initargs, ray_cfg=None, gpus=0.0, threads=False):
     if executor == "ray":
-        from pipeline.ray_executor import run_ray
+        from t2i_curate.pipeline.ray_executor import run_ray
 
-        yield from run_ray(fn, items, workers, initializer, initargs, ray_cfg, gpus)
+        yield from run_ray(_call, fn, items, workers, initializer, initargs, ray_cfg, gpus)
         return
     if workers <= 1 or len(items) == 1:
         if initializer is not None:

@@ -8,14 +8,17 @@ written shards, checks that they add up to the input, and saves
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog import open_run
-from pipeline.io import atomic_path, write_json
+from t2i_curate.pipeline.catalog import open_run
+from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.io import atomic_path, write_json
+from t2i_curate.pipeline.layout import RunLayout
 
 
-class AccountingError(RuntimeError):
+class AccountingError(UserError):
     pass
 
 
@@ -24,7 +27,8 @@ def funnel(run_dir: Path, provenance: dict | None = None) -> dict[str, Any]:
     con = open_run(run_dir)
     n_input = con.execute("SELECT count(*) FROM input").fetchall()[0][0]
     by_state = dict(con.execute("SELECT state, count(*) FROM decisions GROUP BY state").fetchall())
-    manifest = json.loads((run_dir / "selected" / "manifest.json").read_text())
+    lay = RunLayout(run_dir)
+    manifest = json.loads(lay.manifest.read_text())
     written = manifest["samples"]
     if written != by_state.get("selected", 0):
         raise AccountingError(
@@ -42,7 +46,7 @@ def funnel(run_dir: Path, provenance: dict | None = None) -> dict[str, Any]:
         "dropped": by_state.get("dropped", 0),
         "failed": by_state.get("failed", 0),
         "dropped_by_rule": {r: n for r, n in dropped},
-        "failed_by_reason": [{"stage": s, "error": _short(e), "samples": n} for s, e, n in failed],
+        "failed_by_reason": group_failures(failed),
         "shards": len(manifest["shards"]),
         "tiny_models": bool(manifest.get("tiny_models", False)),
         "models": provenance or manifest.get("models", {}),
@@ -53,8 +57,8 @@ def funnel(run_dir: Path, provenance: dict | None = None) -> dict[str, Any]:
             f"accounting does not add up: written {out['written']} + dropped {out['dropped']} + "
             f"failed {out['failed']} = {total}, but the input has {n_input} rows"
         )
-    write_json(run_dir / "report" / "funnel.json", out)
-    with atomic_path(run_dir / "report" / "funnel.md") as tmp:
+    write_json(lay.report / "funnel.json", out)
+    with atomic_path(lay.report / "funnel.md") as tmp:
         tmp.write_text(funnel_markdown(out))
     return out
 
@@ -62,6 +66,35 @@ def funnel(run_dir: Path, provenance: dict | None = None) -> dict[str, Any]:
 def _short(error: str) -> str:
     first = error.strip().splitlines()[0] if error.strip() else error
     return first[:200]
+
+
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+_PATH = re.compile(r"(?<![\w.])(?:/[^\s/'\"<>:]+){2,}/?")
+_HEX = re.compile(r"\b0x[0-9a-fA-F]+\b")
+# numbers go, except an HTTP status, which is the class itself ("HTTP Error 404")
+_NUM = re.compile(r"(?<!HTTP Error )(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+
+
+def error_class(error: str) -> str:
+    """A failure message with its URLs, paths and numbers stripped, so that the same failure on
+    10,000 URLs is one funnel line; the raw message stays in ``decisions.error``."""
+    text = _short(error)
+    text = _URL.sub("<url>", text)
+    text = _PATH.sub("<path>", text)
+    text = _HEX.sub("<hex>", text)
+    text = _NUM.sub("<n>", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def group_failures(failed: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """``(stage, raw error, count)`` rows -> one row per (stage, error class), largest first,
+    each with one raw message as its example."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for stage, error, n in failed:
+        cls = error_class(error)
+        g = groups.setdefault((stage, cls), {"stage": stage, "error": cls, "samples": 0, "example": _short(error)})
+        g["samples"] += n
+    return sorted(groups.values(), key=lambda g: (-g["samples"], g["stage"], g["error"]))
 
 
 def funnel_markdown(f: dict[str, Any]) -> str:

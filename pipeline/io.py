@@ -89,13 +89,3 @@ def file_stamp(*paths: Path) -> str:
         st = Path(p).stat()
         parts.append(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def safe_member_name(name: str) -> str | None:
-    """A tar member name safe to use as a relative path, or None if it escapes."""
-    if not name or name.startswith("/") or "\\" in name:
-        return None
-    parts = name.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        return None
-    return name

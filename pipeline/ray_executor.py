@@ -25,7 +25,8 @@ def ensure_ray(ray_cfg) -> None:
     if ray.is_initialized():
         return
     env = {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE",
-                                                         "CURATE_WEIGHTS", "HF_HOME")}
+                                                         "CURATE_WEIGHTS", "HF_HOME",
+                                                         "OPENCV_IO_MAX_IMAGE_PIXELS")}
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True,
                               "runtime_env": {"env_vars": env}}
     if ray_cfg is not None and ray_cfg.address:
@@ -36,19 +37,18 @@ def ensure_ray(ray_cfg) -> None:
     log.info("ray: %s", ray.cluster_resources())
 
 
-def _task(fn: Callable, item: Any, initializer: Callable | None, initargs: tuple):
-    from pipeline.executors import _call
-
+def _task(call: Callable, fn: Callable, item: Any, initializer: Callable | None, initargs: tuple):
     if initializer is not None:
         key = repr((initializer, initargs))
         if key not in _INITIALISED:
             initializer(*initargs)
             _INITIALISED.add(key)
-    return _call(fn, item)
+    return call(fn, item)
 
 
-def run_ray(fn, items, workers: int, initializer, initargs, ray_cfg, gpus: float = 0.0) -> Iterator:
-    """Yield ``(item, ok, value)``; at most ``workers`` shards in flight."""
+def run_ray(call, fn, items, workers: int, initializer, initargs, ray_cfg, gpus: float = 0.0) -> Iterator:
+    """Yield ``(item, ok, value)``; at most ``workers`` shards in flight. ``call(fn, item)`` runs one
+    shard inside the worker and returns ``(ok, result or traceback)`` (the executor's shard boundary)."""
     import ray
 
     ensure_ray(ray_cfg)
@@ -58,7 +58,7 @@ def run_ray(fn, items, workers: int, initializer, initargs, ray_cfg, gpus: float
     while todo or inflight:
         while todo and len(inflight) < max(1, workers):
             item = todo.pop(0)
-            inflight[remote.remote(fn, item, initializer, initargs)] = item
+            inflight[remote.remote(call, fn, item, initializer, initargs)] = item
         done, _ = ray.wait(list(inflight), num_returns=1)
         for ref in done:
             item = inflight.pop(ref)

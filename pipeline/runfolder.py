@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import socket
+import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, dump_config
-from pipeline.io import atomic_path, clean_tmp
+from t2i_curate.pipeline.config import ConfigError, RunConfig, dump_config
+from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.io import atomic_path, clean_tmp
+from t2i_curate.pipeline.layout import RunLayout, demo_dir
 
 log = logging.getLogger(__name__)
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError):
     """The run folder cannot be used for this config."""
 
 
@@ -49,7 +55,7 @@ def prepare_run(cfg: RunConfig) -> Path:
     anything that changes downloads or scores may not.
     """
     run = ensure_writable(cfg.run_dir)
-    saved = run / "config.yaml"
+    saved = RunLayout(run).config
     if saved.exists():
         try:
             old_data = yaml.safe_load(saved.read_text())
@@ -58,7 +64,7 @@ def prepare_run(cfg: RunConfig) -> Path:
             raise RunFolderError(f"{saved}: cannot read the saved config ({e}); move the run folder") from e
         if old.fingerprint() != cfg.fingerprint():
             diffs = [d for d in _diff(old.model_dump(mode="json"), cfg.model_dump(mode="json"))
-                     if not d.startswith(("select.", "write.", "workers", "executor", "runs_dir"))]
+                     if not d.startswith(RunConfig.REDOABLE)]
             raise RunFolderError(
                 f"run folder {run} was made by a different config; refusing to mix outputs.\n"
                 + "\n".join(f"  {d}" for d in diffs)
@@ -76,13 +82,146 @@ def prepare_run(cfg: RunConfig) -> Path:
 def url_source(cfg: RunConfig) -> Iterator[Path]:
     """The URL list to download: a user file, or the demo served on loopback."""
     if cfg.input.urls == "demo":
-        from pipeline.demo import serve_demo
+        from t2i_curate.pipeline.demo import serve_demo
 
-        demo_dir = ensure_writable(Path(cfg.runs_dir) / "_demo")
-        with serve_demo(demo_dir, cfg.input.demo_size) as path:
+        demo = ensure_writable(demo_dir(cfg.runs_dir))
+        with serve_demo(demo, cfg.input.demo_size) as path:
             yield path
         return
     path = Path(os.path.expanduser(cfg.input.urls))
     if not path.is_file():
         raise ConfigError(f"input.urls: expected a URL list file (parquet/csv/tsv/jsonl), got {path}: no such file")
     yield path
+
+
+# --- the run folder's lock: one writer at a time ---------------------------------------------
+
+GARBAGE_STALE_S = 10.0  # an unreadable lock younger than this may be one being written right now
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> tuple[bytes | None, dict | None]:
+    """The lock's raw bytes (None if it is gone) and its holder (None if the file is not a valid lock)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError:
+        return b"", None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw, None
+    ok = (isinstance(data, dict) and isinstance(data.get("pid"), int) and data["pid"] > 0
+          and isinstance(data.get("host"), str))
+    return raw, (data if ok else None)
+
+
+def _create_lock(path: Path, payload: bytes) -> bool:
+    """Create ``path`` holding ``payload`` if no file is there (atomic); False if one is."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _stale_reason(path: Path, holder: dict | None) -> str | None:
+    """Why the lock may be taken over, or None while its holder may still be at work."""
+    if holder is None:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return f"unreadable lock file, {age:.0f} s old" if age > GARBAGE_STALE_S else None
+    if holder["host"] == socket.gethostname() and not _pid_alive(holder["pid"]):
+        return f"process {holder['pid']} on this host is gone"
+    return None
+
+
+def _in_use(path: Path, holder: dict | None) -> str:
+    run = path.parent
+    if holder is None:
+        return (f"run folder {run} is being locked by another process ({path} is unreadable or still being "
+                f"written); wait a few seconds and retry, or remove {path} if no curate command is running")
+    who = (f"`{holder.get('command') or 'curate'}` (pid {holder['pid']} on host {holder['host']}, "
+           f"since {holder.get('started') or '?'})")
+    msg = f"run folder {run} is in use by {who}; wait for it to finish, or remove {path} if that process is gone"
+    if holder["host"] != socket.gethostname():
+        msg += f" (a lock from another host is never taken over automatically; this host is {socket.gethostname()})"
+    return msg
+
+
+def _take_over(path: Path, seen: bytes) -> bool:
+    """Move the stale lock aside; if it is no longer the one judged stale (another taker won), put it back."""
+    aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return True  # removed meanwhile: the O_EXCL create decides
+    try:
+        if aside.read_bytes() == seen:
+            return True
+        with contextlib.suppress(OSError):
+            os.link(aside, path)  # restore the other taker's fresh lock (fails if yet another is there)
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def _acquire(path: Path, payload: bytes) -> None:
+    if _create_lock(path, payload):
+        return
+    seen, holder = _read_lock(path)
+    if seen is None:  # released between the two calls
+        if _create_lock(path, payload):
+            return
+        raise RunFolderError(_in_use(path, _read_lock(path)[1]))
+    reason = _stale_reason(path, holder)
+    if reason is None:
+        raise RunFolderError(_in_use(path, holder))
+    who = f"pid {holder['pid']} on host {holder['host']}" if holder else "unreadable"
+    log.warning("stale lock %s (%s: %s) taken over", path, who, reason)
+    if not (_take_over(path, seen) and _create_lock(path, payload)):
+        raise RunFolderError(_in_use(path, _read_lock(path)[1]))
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, command: str) -> Iterator[Path]:
+    """Hold ``<run_dir>/.lock`` while ``command`` writes the run folder; a second writer is refused at once.
+
+    The lock is JSON {host, pid, started, command}. One whose process is gone (same host, dead pid), or an
+    unreadable one older than GARBAGE_STALE_S, is taken over with a warning; one from another host never is.
+    """
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    ensure_writable(run_dir)
+    path = RunLayout(run_dir).lock
+    payload = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                          "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          "command": command}).encode()
+    _acquire(path, payload)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == payload:  # only ours: never remove a lock another process took over
+                path.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # nothing was written (e.g. bad input refused): leave no empty folder

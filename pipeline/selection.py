@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from filters.rules import RuleError, decision_sql, explain_missing, missing_column
-from pipeline.catalog import arrow, open_run
-from pipeline.config import RunConfig
-from pipeline.io import write_parquet
+from t2i_curate.filters.rules import RuleError, decision_sql, explain_missing, missing_column
+from t2i_curate.pipeline.catalog import arrow, open_run
+from t2i_curate.pipeline.config import RunConfig
+from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.io import write_parquet
+from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 
-class StageOrderError(RuntimeError):
+class StageOrderError(UserError):
     """A stage ran before the work it needs was finished."""
 
 
@@ -40,17 +42,18 @@ def check_rules(con, rules) -> None:
 
 def check_complete(run_dir: Path, con) -> None:
     """Every input row must have a download result and every download shard scores."""
-    from pipeline.download import finished_shards
-    from pipeline.io import shard_ids
+    from t2i_curate.pipeline.io import shard_ids
 
     n_input = con.execute("SELECT count(*) FROM input").fetchall()[0][0]
     n_down = con.execute("SELECT count(*) FROM downloads").fetchall()[0][0] if _has(con, "downloads") else 0
-    if n_down != n_input:
+    n_refused = con.execute("SELECT count(*) FROM refused").fetchall()[0][0] if _has(con, "refused") else 0
+    if n_down + n_refused != n_input:
         raise StageOrderError(
-            f"download is not finished: {n_down} of {n_input} input rows have a result; "
-            f"run `curate download` first"
+            f"download is not finished: {n_down + n_refused} of {n_input} input rows have a result "
+            f"({n_refused} refused before any fetch); run `curate download` first"
         )
-    missing = sorted(set(finished_shards(run_dir / "download")) - set(shard_ids(run_dir / "scores", ".parquet")))
+    lay = RunLayout(run_dir)
+    missing = sorted(set(lay.finished_downloads()) - set(shard_ids(lay.scores, ".parquet")))
     if missing:
         raise StageOrderError(
             f"score is not finished: shards {missing[:10]}{'...' if len(missing) > 10 else ''} "
@@ -69,10 +72,13 @@ def select_stage(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
     if not _has(con, "input"):
         raise StageOrderError("no download input in this run; run `curate download` first")
     check_complete(run_dir, con)
-    check_rules(con, cfg.select.rules)
-    table = arrow(con, decision_sql(cfg.select.rules))
-    write_parquet(run_dir / "selected" / "decisions.parquet", table)
+    source = "samples" if _has(con, "downloads") else None  # None: every URL was refused
+    if source:
+        check_rules(con, cfg.select.rules)
+    table = arrow(con, decision_sql(cfg.select.rules, source, "refused" if _has(con, "refused") else None))
+    decisions = RunLayout(run_dir).decisions
+    write_parquet(decisions, table)
     counts = dict(con.execute(
         "SELECT state, count(*) FROM read_parquet(?) GROUP BY state",
-        [str(run_dir / "selected" / "decisions.parquet")]).fetchall())
+        [str(decisions)]).fetchall())
     return {s: counts.get(s, 0) for s in ("selected", "dropped", "failed")}

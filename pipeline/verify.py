@@ -3,20 +3,23 @@
 Returns a list of problems (empty when the run is sound): sample counts and
 keys of each tar against its parquet, each curated shard's sha256 against
 ``manifest.json``, duplicate keys across shards, scores for every download
-success, and the accounting identity written + dropped + failed = input.
+success, download results + refused URLs = input, and the accounting identity
+written + dropped + failed = input.
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
-from pipeline.io import sha256_file, shard_ids
+from t2i_curate.pipeline.errors import StageIncomplete
+from t2i_curate.pipeline.io import sha256_file, shard_ids
+from t2i_curate.pipeline.layout import RunLayout, shard_name
+from t2i_curate.pipeline.tars import iter_members
 
 
-class VerifyError(RuntimeError):
+class VerifyError(StageIncomplete):
     """The run has problems; the message lists every one."""
 
 
@@ -29,14 +32,10 @@ def check_run(run_dir: Path) -> int:
 
 
 def _tar_keys(path: Path, problems: list[str]) -> Counter:
-    keys: Counter = Counter()
-    try:
-        with tarfile.open(path) as tf:
-            for m in tf:
-                if m.isfile() and not m.name.endswith((".json", ".txt")):
-                    keys[m.name.split("/")[-1].partition(".")[0]] += 1
-    except (tarfile.TarError, OSError, EOFError) as e:
-        problems.append(f"{path}: unreadable tar: {e}")
+    """Samples (image members) per key; a damaged tar is a problem."""
+    errors: list[str] = []
+    keys = Counter(key for key, _, _ in iter_members(path, skip_exts=("json", "txt"), errors=errors))
+    problems += [f"{path}: unreadable tar: {e}" for e in errors]
     return keys
 
 
@@ -50,77 +49,88 @@ def _parquet_rows(path: Path, problems: list[str], columns: list[str]) -> list[d
         return []
 
 
-def verify_run(run_dir: Path) -> list[str]:
-    from pipeline.download import INPUT_FILE, finished_shards
-
-    run = Path(run_dir)
-    problems: list[str] = []
-    ddir = run / "download"
+def _verify_downloads(lay: RunLayout, problems: list[str]) -> tuple[set[str], int]:
+    """Each finished download tar against its parquet; returns the successful keys and the row count."""
     success: set[str] = set()
-    n_download_rows = 0
-    for s in finished_shards(ddir):
-        rows = _parquet_rows(ddir / f"{s:05d}.parquet", problems, ["key", "status"])
-        n_download_rows += len(rows)
+    n_rows = 0
+    for s in lay.finished_downloads():
+        rows = _parquet_rows(lay.download_parquet(s), problems, ["key", "status"])
+        n_rows += len(rows)
         ok = {r["key"] for r in rows if r["status"] == "success"}
         success |= ok
-        in_tar = _tar_keys(ddir / f"{s:05d}.tar", problems)
+        in_tar = _tar_keys(lay.download_tar(s), problems)
         if set(in_tar) != ok:
-            problems.append(f"download/{s:05d}: tar holds {len(in_tar)} images, parquet says {len(ok)} successes "
-                            f"(missing {sorted(ok - set(in_tar))[:3]}, extra {sorted(set(in_tar) - ok)[:3]})")
+            problems.append(f"download/{shard_name(s)}: tar holds {len(in_tar)} images, parquet says {len(ok)} "
+                            f"successes (missing {sorted(ok - set(in_tar))[:3]}, extra {sorted(set(in_tar) - ok)[:3]})")
         dup = [k for k, c in in_tar.items() if c > 1]
         if dup:
-            problems.append(f"download/{s:05d}: duplicate samples in the tar: {dup[:5]}")
+            problems.append(f"download/{shard_name(s)}: duplicate samples in the tar: {dup[:5]}")
+    return success, n_rows
+
+
+def verify_run(run_dir: Path) -> list[str]:
+    lay = RunLayout(Path(run_dir))
+    problems: list[str] = []
+    success, n_download_rows = _verify_downloads(lay, problems)
     scored: set[str] = set()
-    for s in shard_ids(run / "scores", ".parquet"):
-        scored |= {r["key"] for r in _parquet_rows(run / "scores" / f"{s:05d}.parquet", problems, ["key"])}
+    for s in shard_ids(lay.scores, ".parquet"):
+        scored |= {r["key"] for r in _parquet_rows(lay.score_parquet(s), problems, ["key"])}
     if scored and success - scored:
         problems.append(f"scores: {len(success - scored)} downloaded samples have no scores")
-    problems += _verify_selected(run, problems)
-    n_input = 0
-    if (ddir / INPUT_FILE).exists():
-        import pyarrow.parquet as pq
-
-        n_input = pq.read_metadata(ddir / INPUT_FILE).num_rows
-        if n_download_rows and n_download_rows != n_input:
-            problems.append(f"download: {n_download_rows} result rows for {n_input} input rows")
-    dec_path = run / "selected" / "decisions.parquet"
-    if dec_path.exists():
-        dec = _parquet_rows(dec_path, problems, ["key", "state"])
-        states = Counter(d["state"] for d in dec)
-        if len(dec) != n_input:
-            problems.append(f"accounting: {len(dec)} decisions for {n_input} input rows")
-        if len({d["key"] for d in dec}) != len(dec):
-            problems.append("accounting: a key has more than one decision")
-        manifest = run / "selected" / "manifest.json"
-        if manifest.exists():
-            written = json.loads(manifest.read_text()).get("samples")
-            if written != states.get("selected", 0):
-                problems.append(f"accounting: {states.get('selected', 0)} selected but the manifest says {written} "
-                                f"written")
+    problems += _verify_selected(lay, problems)
+    n_input = _check_input_rows(lay, n_download_rows, problems)
+    if lay.decisions.exists():
+        _check_decisions(lay, n_input, problems)
     return problems
 
 
-def _verify_selected(run: Path, problems: list[str]) -> list[str]:
+def _check_decisions(lay: RunLayout, n_input: int, problems: list[str]) -> None:
+    dec = _parquet_rows(lay.decisions, problems, ["key", "state"])
+    states = Counter(d["state"] for d in dec)
+    if len(dec) != n_input:
+        problems.append(f"accounting: {len(dec)} decisions for {n_input} input rows")
+    if len({d["key"] for d in dec}) != len(dec):
+        problems.append("accounting: a key has more than one decision")
+    if lay.manifest.exists():
+        written = json.loads(lay.manifest.read_text()).get("samples")
+        if written != states.get("selected", 0):
+            problems.append(f"accounting: {states.get('selected', 0)} selected but the manifest says {written} "
+                            f"written")
+
+
+def _check_input_rows(lay: RunLayout, n_download_rows: int, problems: list[str]) -> int:
+    """Download result rows + rows refused before any fetch = input rows; return the input rows."""
+    import pyarrow.parquet as pq
+
+    if not lay.input_file.exists():
+        return 0
+    n_input = pq.read_metadata(lay.input_file).num_rows
+    n_refused = pq.read_metadata(lay.refused_file).num_rows if lay.refused_file.exists() else 0
+    if (n_download_rows or n_refused) and n_download_rows + n_refused != n_input:
+        problems.append(f"download: {n_download_rows} result rows + {n_refused} refused URLs for {n_input} "
+                        f"input rows")
+    return n_input
+
+
+def _verify_selected(lay: RunLayout, problems: list[str]) -> list[str]:
     out: list[str] = []
-    sel = run / "selected"
-    manifest_path = sel / "manifest.json"
-    if not manifest_path.exists():
+    if not lay.manifest.exists():
         return out
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(lay.manifest.read_text())
     seen: Counter = Counter()
     listed = {e["shard"] for e in manifest["shards"]}
-    on_disk = {f"{s:05d}" for s in shard_ids(sel, ".tar")}
+    on_disk = {shard_name(s) for s in shard_ids(lay.selected, ".tar")}
     if on_disk != listed:
         out.append(f"selected: shards on disk {sorted(on_disk - listed)} not in the manifest, "
                    f"{sorted(listed - on_disk)} missing")
     for e in manifest["shards"]:
-        tar = sel / f"{e['shard']}.tar"
+        tar = lay.selected / f"{e['shard']}.tar"
         if not tar.exists():
             continue
         if sha256_file(tar) != e["sha256"]:
             out.append(f"selected/{e['shard']}.tar: sha256 differs from the manifest")
         keys = _tar_keys(tar, problems)
-        rows = _parquet_rows(sel / f"{e['shard']}.parquet", problems, ["key"])
+        rows = _parquet_rows(tar.with_suffix(".parquet"), problems, ["key"])
         if sorted(keys) != sorted(r["key"] for r in rows) or len(keys) != e["samples"]:
             out.append(f"selected/{e['shard']}: tar has {len(keys)} samples, parquet {len(rows)}, "
                        f"manifest {e['samples']}")

@@ -23,7 +23,7 @@ def shared():
 def curate(*args, check=True, **kw):
     """Run the CLI in a subprocess, as a user would; return the CompletedProcess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "200"}
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "t2i_curate.pipeline.cli", *map(str, args)], capture_output=True,
                        text=True, env=env, cwd=kw.pop("cwd", ROOT), **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"curate {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")

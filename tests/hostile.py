@@ -34,6 +34,18 @@ def _bomb_png(w=200_000, h=200_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
 
 
+def _zeros_png(w=30_000, h=30_000) -> bytes:
+    """A valid, fully decodable 1-bit greyscale PNG of w x h black pixels: ~109 KB for 30000 x 30000,
+    900 MB once decoded to 8-bit (the issue's bomb); rows are compressed as they are made."""
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    row = b"\0" * (1 + (w + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row * min(256, h - i)) for i in range(0, h, 256)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
 def _exif_rotated() -> bytes:
     img = Image.new("RGB", (400, 200), (200, 50, 50))
     exif = Image.Exif()
@@ -79,6 +91,7 @@ def corpus() -> dict[str, tuple[str, bytes | None, str, str]]:
         "zero_bytes": ("/f/empty.jpg", b"", "image/jpeg", "an empty file"),
         "html_as_jpeg": ("/f/page.jpg", b"<html><body>hello</body></html>", "image/jpeg", "html pretending"),
         "decompression_bomb": ("/f/bomb.png", _bomb_png(), "image/png", "a bomb"),
+        "decompression_bomb_30k": ("/f/bomb30k.png", _zeros_png(), "image/png", "a 30000 x 30000 bomb"),
         "cmyk_jpeg": ("/f/cmyk.jpg", _jpeg(_base().convert("CMYK")), "image/jpeg", "a cmyk photo of noise"),
         "png_16bit": ("/f/16bit.png", _png16(), "image/png", "a sixteen bit gradient"),
         "palette_transparent": ("/f/palette.png", _palette_transparent(), "image/png", "a palette image"),

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import curate, small_demo_args
 
-from pipeline.io import sha256_file
+from t2i_curate.pipeline.io import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,18 @@ def test_changed_rules_rewrite_only_what_changed(demo_run, tmp_path):
     assert len(keys) == n_sel
     # back to the config's rules: same shards as the first run
     curate("run", *small_demo_args(run.parent))
+
+
+def test_changing_scorers_rescores_without_a_new_download(demo_run):
+    run, _ = demo_run
+    tars = {p.name: sha256_file(p) for p in (run / "download").glob("*.tar")}
+    p = curate("run", *small_demo_args(run.parent, extra=["--set", "score.scorers=[resolution, aesthetic]"]))
+    assert "all 4 shards finished already" in p.stderr
+    assert {p.name: sha256_file(p) for p in (run / "download").glob("*.tar")} == tars
+    cols = pq.read_schema(run / "scores" / "00000.parquet").names
+    assert "aesthetic_score" in cols and "pwatermark" not in cols
+    curate("run", *small_demo_args(run.parent))  # back to the config's scorers
+    assert "pwatermark" in pq.read_schema(run / "scores" / "00000.parquet").names
 
 
 def test_verify_passes_then_finds_tampering(demo_run):

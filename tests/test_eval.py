@@ -7,16 +7,13 @@ import pytest
 import torch
 from scipy import linalg
 
-from eval import bias as B  # noqa: N812
-from eval.judges import ProbeJudge, VQAJudge, read_labels
-from eval.metrics import (
-    ProtocolMismatchError,
-    agreement,
-    check_comparable,
-    clip_score,
-    corrected_rate,
-    wilson,
-)
+from t2i_curate.eval import bias as B  # noqa: N812
+from t2i_curate.eval.fid import ProtocolMismatchError, check_comparable
+from t2i_curate.eval.judge import LabelsError, read_labels
+from t2i_curate.eval.judge_probe import ProbeJudge
+from t2i_curate.eval.judge_vqa import VQAJudge
+from t2i_curate.eval.stats import agreement, clip_score, corrected_rate, wilson
+from t2i_curate.pipeline.errors import UserError
 
 
 class FixedFeatures(torch.nn.Module):
@@ -134,7 +131,7 @@ def test_labels_file_errors(tmp_path):
     p.write_text("image_id,category,failed\na_0,human_limbs,yes\nb_0,horses,No\n")
     assert read_labels(p) == {"a_0": True, "b_0": False}
     p.write_text("image_id,category,failed\na_0,human_limbs,maybe\n")
-    with pytest.raises(ValueError, match="yes/no"):
+    with pytest.raises(LabelsError, match="yes/no"):
         read_labels(p)
 
 
@@ -154,8 +151,8 @@ def test_bias_metrics():
 
 
 def test_sampler_is_independent_of_batch_size(tmp_path):
-    from eval.sampler import sample
-    from pipeline.config import EvalConfig
+    from t2i_curate.eval.sampler import sample
+    from t2i_curate.pipeline.config import EvalConfig
 
     prompts = [{"id": "p0", "category": "general", "prompt": "a red cube"},
                {"id": "p1", "category": "general", "prompt": "a horse"}]
@@ -175,7 +172,7 @@ def test_sampler_is_independent_of_batch_size(tmp_path):
 
 
 def test_suite_loaders_on_public_files(shared):
-    from eval.suites import load_suite
+    from t2i_curate.eval.suites import load_suite
 
     parti = load_suite(str(shared / "prompts" / "PartiPrompts.tsv"))
     assert len(parti) == 1632 and {"id", "category", "prompt", "challenge"} <= set(parti[0])
@@ -184,7 +181,7 @@ def test_suite_loaders_on_public_files(shared):
 
 
 def test_drawbench_and_builtin_suites(tmp_path):
-    from eval.suites import SuiteError, load_suite, load_suites
+    from t2i_curate.eval.suites import SuiteError, load_suite, load_suites
 
     p = tmp_path / "drawbench.csv"
     p.write_text('Prompts,Category\n"A red colored car.",Colors\n"A horse on a bench",Positional\n')
@@ -245,5 +242,5 @@ def test_bias_reference_file(tmp_path):
     assert B.gender_imbalance(["perceived woman"] * 9 + ["perceived man"], 0.87) == pytest.approx(0.03)
     assert B.skin_tone_imbalance([3, 3], {3: 1.0}) == pytest.approx(0.0)
     p.write_text("occupation,attribute,value,share\nnurse,age,old,1\n")
-    with pytest.raises(ValueError, match="gender or skin_tone"):
+    with pytest.raises(UserError, match="gender or skin_tone"):
         B.read_reference(p)

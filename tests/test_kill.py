@@ -11,9 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, curate
 
-from pipeline.io import sha256_file
+from t2i_curate.pipeline.io import sha256_file
 
 N = 40
+
+# the kill matrix and the Ray instance take minutes: `make test-all` and .ci/run run them
+pytestmark = pytest.mark.slow
 
 
 def _args(runs, name):
@@ -42,7 +45,7 @@ def reference(tmp_path_factory):
 def _kill_when(cmd, ready, timeout=120):
     """Start ``cmd`` in its own process group; SIGKILL the group once ``ready()``; return True if killed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, cmd)], cwd=ROOT, env=env,
+    p = subprocess.Popen([sys.executable, "-m", "t2i_curate.pipeline.cli", *map(str, cmd)], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     t0 = time.time()
     while p.poll() is None and time.time() - t0 < timeout:

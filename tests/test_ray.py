@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import curate, small_demo_args
 
-from pipeline.io import sha256_file
-
 ray = pytest.importorskip("ray")
+
+# the kill matrix and the Ray instance take minutes: `make test-all` and .ci/run run them
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,42 @@ def _scores(run):
     return out
 
 
+# The executors' guarantee (docs/architecture.md): model scores agree to float rounding, not to the
+# bit, because Ray workers run 1 BLAS thread and the local scorer runs one per core, and float sums
+# round differently with the thread count; decisions, keys and image bytes are identical.
+SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-6
+
+
+def assert_rows_close(ra: dict, rb: dict, key: str) -> None:
+    assert ra.keys() == rb.keys(), key
+    for c, va in ra.items():
+        vb = rb[c]
+        if isinstance(va, float) and isinstance(vb, float):
+            assert vb == pytest.approx(va, rel=SCORE_RTOL, abs=SCORE_ATOL), (key, c)
+        else:
+            assert va == vb, (key, c)
+
+
+def _shard_images(run) -> dict[str, dict[str, str]]:
+    """shard -> {member name: sha256} for every non-json member (the image bytes)."""
+    import hashlib
+    import tarfile
+
+    out = {}
+    for p in sorted((run / "selected").glob("0*.tar")):
+        with tarfile.open(p) as tf:
+            out[p.name] = {m.name: hashlib.sha256(tf.extractfile(m).read()).hexdigest()
+                           for m in tf if m.isfile() and not m.name.endswith(".json")}
+    return out
+
+
 def test_score_and_write_on_ray_equal_local(local_run, ray_local):
-    from pipeline.config import load_config
-    from pipeline.download import finished_shards
-    from pipeline.score import score_stage
-    from pipeline.selection import select_stage
-    from pipeline.verify import verify_run
-    from pipeline.write import write_stage
+    from t2i_curate.pipeline.config import load_config
+    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.score import score_stage
+    from t2i_curate.pipeline.selection import select_stage
+    from t2i_curate.pipeline.verify import verify_run
+    from t2i_curate.pipeline.write import write_stage
 
     local = local_run / "demo"
     dst = local_run / "demo-ray"
@@ -53,15 +83,17 @@ def test_score_and_write_on_ray_equal_local(local_run, ray_local):
     overrides = [f"runs_dir={local_run}", "name=demo-ray", "input.demo_size=40", "download.samples_per_shard=20",
                  "write.samples_per_shard=15", "executor=ray", "workers=2"]
     cfg = load_config("demo", overrides)
-    score_stage(cfg, dst, finished_shards(dst / "download"))
+    score_stage(cfg, dst, RunLayout(dst).finished_downloads())
     select_stage(cfg, dst)
     write_stage(cfg, dst)
     a, b = _scores(local), _scores(dst)
     assert a.keys() == b.keys()
     for k in a:
-        assert a[k] == b[k], k
-    shards = lambda run: {p.name: sha256_file(p) for p in sorted((run / "selected").glob("0*.tar"))}  # noqa: E731
-    assert shards(local) == shards(dst) and shards(local)
+        assert_rows_close(a[k], b[k], k)
+    # the guarantee: same samples selected, same image bytes; score floats equal to SCORE_RTOL
+    dec = lambda run: pq.read_table(run / "selected" / "decisions.parquet").to_pylist()  # noqa: E731
+    assert dec(local) == dec(dst)
+    assert _shard_images(local) == _shard_images(dst) and _shard_images(local)
     assert json.loads((dst / "selected" / "manifest.json").read_text())["samples"] == \
         json.loads((local / "selected" / "manifest.json").read_text())["samples"]
     assert verify_run(dst) == []
@@ -70,8 +102,8 @@ def test_score_and_write_on_ray_equal_local(local_run, ray_local):
 def test_sampling_on_ray_equals_local(tmp_path, ray_local):
     from PIL import Image
 
-    from eval.sampler import sample
-    from pipeline.config import EvalConfig, RayConfig
+    from t2i_curate.eval.sampler import sample
+    from t2i_curate.pipeline.config import EvalConfig, RayConfig
 
     prompts = [{"id": f"p{i}", "category": "general", "prompt": f"prompt number {i}"} for i in range(3)]
     cfg = EvalConfig(height=32, width=32, steps=2, samples_per_prompt=2, batch_size=1)
@@ -90,7 +122,7 @@ def test_sampling_on_ray_equals_local(tmp_path, ray_local):
 
 
 def test_worker_killed_mid_shard_is_retried(tmp_path, ray_local):
-    from pipeline.executors import map_shards
+    from t2i_curate.pipeline.executors import map_shards
 
     def die_once(marker_dir, item):
         marker = os.path.join(marker_dir, f"{item}.started")

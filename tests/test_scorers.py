@@ -1,7 +1,6 @@
 """Model-backed scorers: tiny models offline, real checkpoints from ../shared when present."""
 
 import io
-import json
 import tarfile
 import time
 
@@ -11,18 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import ModelsConfig, ScoreConfig, load_config
-from pipeline.models import (
-    AESTHETIC_V1_B32,
-    AESTHETIC_V1_L14,
-    AESTHETIC_V2,
-    WeightsMismatchError,
-    WeightsMissingError,
-    load_aesthetic_head,
-    preflight,
-    resolve_weight,
-    watermark_model,
-)
+from t2i_curate.filters.aesthetic import AESTHETIC_V1_B32, AESTHETIC_V1_L14, AESTHETIC_V2, load_aesthetic_head
+from t2i_curate.filters.registry import preflight
+from t2i_curate.filters.watermark import watermark_model
+from t2i_curate.pipeline.config import ModelsConfig, ScoreConfig, load_config
+from t2i_curate.pipeline.weights import WeightsMismatchError, WeightsMissingError, resolve_weight
 
 ALL = ["resolution", "watermark", "aesthetic", "clip_similarity"]
 
@@ -54,7 +46,7 @@ def _shard(tmp_path, samples):
 
 
 def test_tiny_scoring_pass_columns_flags_and_decode_failure(tmp_path):
-    from pipeline.score import read_provenance, score_shard
+    from t2i_curate.pipeline.score import read_provenance, score_shard
 
     good = _jpeg(64, 48)
     run = _shard(tmp_path, [("0000000", good, "a red square"), ("0000001", good[: len(good) // 4], "cut"),
@@ -82,7 +74,7 @@ def test_tiny_scoring_pass_columns_flags_and_decode_failure(tmp_path):
 
 
 def test_scores_do_not_depend_on_batch_size(tmp_path):
-    from pipeline.score import score_shard
+    from t2i_curate.pipeline.score import score_shard
 
     samples = [(f"000000{i}", _jpeg(40 + 10 * i, 50, (20 * i, 100, 50)), f"caption {i}") for i in range(5)]
     outs = []
@@ -126,7 +118,7 @@ def test_sha256_mismatch_refused(tmp_path):
 
 
 def test_recorded_sha_is_pinned(tmp_path):
-    from pipeline.models import WATERMARK
+    from t2i_curate.filters.watermark import WATERMARK
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -176,7 +168,7 @@ def test_demo_preset_runs_all_three_scorers():
     cfg = load_config("demo")
     assert {"watermark", "aesthetic", "clip_similarity"} <= set(cfg.score.scorers)
     assert cfg.score.models.preset == "tiny"
-    assert json.loads(load_config("sd-v1").model_dump_json())["score"]["models"]["preset"] == "tiny"
+    assert load_config("sd-v1").score.models.preset == "real"
 
 
 @pytest.mark.slow
@@ -185,7 +177,7 @@ def test_full_size_architectures_match_real_files(shared):
     import open_clip
 
     state = torch.load(shared / "models" / AESTHETIC_V2.filename, map_location="cpu", weights_only=True)
-    from pipeline.models import aesthetic_mlp
+    from t2i_curate.filters.aesthetic import aesthetic_mlp
 
     ours = aesthetic_mlp(768).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in state.items()}

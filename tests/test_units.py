@@ -1,11 +1,12 @@
 import duckdb
 import pytest
 
-from filters.base import Batch
-from filters.resolution import ResolutionScorer
-from filters.rules import decision_sql
-from pipeline.config import Rule
-from pipeline.io import atomic_path, safe_member_name
+from t2i_curate.filters.base import Batch
+from t2i_curate.filters.resolution import ResolutionScorer
+from t2i_curate.filters.rules import decision_sql
+from t2i_curate.pipeline.config import Rule
+from t2i_curate.pipeline.io import atomic_path
+from t2i_curate.pipeline.tars import safe_member_name
 
 
 def test_resolution_scorer():

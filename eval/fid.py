@@ -1,4 +1,4 @@
-"""Metrics: FID / KID (torchmetrics), CLIP score, Wilson intervals, judge agreement.
+"""FID and KID (torchmetrics): reference images, feature extractors, protocols, reference cache.
 
 FID and KID run on uint8 images, centre-cropped to a square and resized to
 299 px once (bicubic, rounded). Features come from torch-fidelity's Inception
@@ -12,66 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.io import shard_ids
+from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 FID_SIZE = 299
 
 
-class ProtocolMismatchError(ValueError):
+class ProtocolMismatchError(UserError):
     pass
-
-
-# --- small statistics -----------------------------------------------------------------------
-
-
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (95% by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def agreement(truth: list[bool], pred: list[bool]) -> dict[str, float | None]:
-    """Precision, recall, specificity and Cohen's kappa of ``pred`` against ``truth``."""
-    tp = sum(t and p for t, p in zip(truth, pred, strict=True))
-    fp = sum((not t) and p for t, p in zip(truth, pred, strict=True))
-    fn = sum(t and (not p) for t, p in zip(truth, pred, strict=True))
-    tn = len(truth) - tp - fp - fn
-    n = len(truth)
-    precision = tp / (tp + fp) if tp + fp else None
-    recall = tp / (tp + fn) if tp + fn else None
-    specificity = tn / (tn + fp) if tn + fp else None
-    po = (tp + tn) / n if n else None
-    pe = (((tp + fp) * (tp + fn) + (fn + tn) * (fp + tn)) / (n * n)) if n else None
-    kappa = None if po is None or pe is None or pe == 1 else (po - pe) / (1 - pe)
-    return {"precision": precision, "recall": recall, "specificity": specificity, "kappa": kappa, "n_labelled": n}
-
-
-def corrected_rate(observed: float, sensitivity: float | None, specificity: float | None) -> float | None:
-    """Rogan-Gladen: the true rate implied by an observed rate and the judge's error rates."""
-    if sensitivity is None or specificity is None or sensitivity + specificity <= 1:
-        return None
-    return min(1.0, max(0.0, (observed + specificity - 1) / (sensitivity + specificity - 1)))
-
-
-# --- CLIP score -----------------------------------------------------------------------------
-
-
-def clip_score(image_emb, text_emb):
-    """Per-image CLIP score: 100 * max(cos(image, text), 0). Embeddings need not be normalised."""
-    import torch
-
-    cos = torch.nn.functional.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
-    return 100 * cos.clamp(min=0)
 
 
 # --- images for FID / KID -----------------------------------------------------------------------
@@ -94,16 +49,17 @@ def to_fid_uint8(img) -> Any:
 def iter_reference_images(source: str, run_dir: Path, limit: int) -> Iterator[tuple[str, Any]]:
     """``(id, PIL image)`` from the run's curated shards, a folder of images, or tar files."""
     import glob
-    import tarfile
 
     from PIL import Image
 
-    from pipeline.decode import IMAGE_EXTS, decode_image
+    from t2i_curate.pipeline.decode import decode_image
+    from t2i_curate.pipeline.tars import IMAGE_EXTS, iter_members
 
     if source == "run":
-        tars = sorted((run_dir / "selected").glob("[0-9]*.tar"))
+        lay = RunLayout(run_dir)
+        tars = [lay.selected_tar(i) for i in shard_ids(lay.selected, ".tar")]
         if not tars:
-            from pipeline.selection import StageOrderError
+            from t2i_curate.pipeline.selection import StageOrderError
 
             raise StageOrderError(f"eval.reference=run: {run_dir}/selected has no curated shards; run `make filter` "
                                   f"(or `curate run`) first, or set eval.reference to a folder of images")
@@ -118,17 +74,15 @@ def iter_reference_images(source: str, run_dir: Path, limit: int) -> Iterator[tu
     else:
         tars = sorted(Path(p) for p in glob.glob(source))
         if not tars:
-            raise FileNotFoundError(f"eval.reference {source!r}: no such folder and no tar files match")
+            raise UserError(f"eval.reference {source!r}: expected 'run', a folder of images or a .tar glob; "
+                            f"no such folder and no tar files match")
     n = 0
     for t in tars:
-        with tarfile.open(t) as tf:
-            for m in tf:
-                key, _, ext = m.name.partition(".")
-                if m.isfile() and ext.lower() in IMAGE_EXTS:
-                    yield key, decode_image(tf.extractfile(m).read(), draft=FID_SIZE)
-                    n += 1
-                    if n >= limit:
-                        return
+        for key, _, data in iter_members(t, exts=IMAGE_EXTS):
+            yield key, decode_image(data)  # full decode, as the other sources
+            n += 1
+            if n >= limit:
+                return
 
 
 # --- feature extractors ---------------------------------------------------------------------------
@@ -139,7 +93,7 @@ def clip_feature_module(bundle):
     import torch
     import torch.nn as nn
 
-    from pipeline.models import OPENAI_MEAN, OPENAI_STD
+    from t2i_curate.filters.clip import OPENAI_MEAN, OPENAI_STD
 
     class ClipFeatures(nn.Module):
         def __init__(self):
@@ -161,7 +115,7 @@ def clip_feature_module(bundle):
 def feature_spec(ecfg, tiny: bool) -> dict[str, Any]:
     if ecfg.inception_weights:
         if not Path(ecfg.inception_weights).is_file():
-            from pipeline.models import WeightsMissingError
+            from t2i_curate.pipeline.weights import WeightsMissingError
 
             raise WeightsMissingError(f"eval.inception_weights: {ecfg.inception_weights} does not exist")
         return {"feature": "inception-v3 (torch-fidelity 2015-12-05, pool3 2048)", "antialias": ecfg.fid_antialias}
@@ -169,13 +123,18 @@ def feature_spec(ecfg, tiny: bool) -> dict[str, Any]:
     return {"feature": f"clip:{name}", "antialias": True}
 
 
+def resize_protocol(spec: dict) -> str:
+    """How images reach the feature extractor; part of every protocol and of the reference cache key."""
+    return (f"full decode, centre-crop square, PIL bicubic {FID_SIZE}px, uint8 (ours); "
+            f"then the extractor's own resize (antialias={spec['antialias']})")
+
+
 def protocol(spec: dict, n_ref: int, n_gen: int) -> dict[str, Any]:
     import torch
     import torchmetrics
 
     return {"library": "torchmetrics", "torchmetrics": torchmetrics.__version__, "torch": torch.__version__,
-            "feature": spec["feature"], "resize": f"centre-crop square, bicubic {FID_SIZE}px, uint8 (ours); "
-            f"then the extractor's own resize (antialias={spec['antialias']})",
+            "feature": spec["feature"], "resize": resize_protocol(spec),
             "n_reference": n_ref, "n_generated": n_gen}
 
 
@@ -199,7 +158,7 @@ def build_fid_kid(ecfg, mcfg, tiny: bool, n_min: int):
         kid = KernelInceptionDistance(feature=fid.inception, subsets=50, subset_size=subset,
                                       reset_real_features=False)
         return fid, kid
-    from pipeline.models import load_clip, tiny_clip
+    from t2i_curate.filters.clip import load_clip, tiny_clip
 
     bundle = tiny_clip(ecfg.feature_clip) if tiny else load_clip(ecfg.feature_clip, mcfg)
     module = clip_feature_module(bundle)
@@ -220,15 +179,17 @@ def _batches(items: Iterable, size: int):
 
 
 def reference_cache_key(source: str, run_dir: Path, spec: dict, limit: int) -> str:
-    """Keyed by what the reference statistics depend on: the images, their number, the features."""
+    """Keyed by what the reference statistics depend on: the images, their number, the features,
+    and how images are decoded and resized before the features."""
     import torchmetrics
 
     if source == "run":
-        manifest = run_dir / "selected" / "manifest.json"
+        manifest = RunLayout(run_dir).manifest
         ident = json.loads(manifest.read_text())["shards"] if manifest.exists() else []
     else:
         ident = source
-    blob = json.dumps({"ref": ident, "limit": limit, "spec": spec, "tm": torchmetrics.__version__}, sort_keys=True)
+    blob = json.dumps({"ref": ident, "limit": limit, "spec": spec, "resize": resize_protocol(spec),
+                       "tm": torchmetrics.__version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -259,8 +220,8 @@ def fid_kid(ecfg, mcfg, tiny: bool, run_dir: Path, generated: list, cache_dir: P
             kid.update(x, real=True)
             n_ref += len(batch)
         if n_ref < 2:
-            raise ValueError(f"eval.reference: expected at least 2 reference images, found {n_ref}")
-        from pipeline.io import atomic_path
+            raise UserError(f"eval.reference: expected at least 2 reference images, found {n_ref}")
+        from t2i_curate.pipeline.io import atomic_path
 
         with atomic_path(cache) as tmp:
             torch.save({"fid_sum": fid.real_features_sum, "fid_cov_sum": fid.real_features_cov_sum,

@@ -1,0 +1,89 @@
+"""The failure-judge interface, the labels file, and the registry of judges.
+
+A judge is one file ``eval/judge_<name>.py`` holding a :class:`Judge` subclass.
+It declares its ``name`` (what ``eval.judges`` lists), the failure
+``categories`` it covers, whether it is ``validated`` against human labels, and
+a ``description`` the report shows; it gets the eval CLIP (``bundle``) and the
+labels file's content, and returns P(failure) per image. Everything else --
+which judges exist, the per-image ``p_fail_<name>`` columns, the report's
+sections -- is derived from those declarations.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+from t2i_curate.pipeline.errors import UserError
+
+FAILURE_CATEGORIES = ("human_limbs", "horses", "quadrupeds")
+
+
+class LabelsError(UserError):
+    pass
+
+
+def read_labels(path: str | Path) -> dict[str, bool]:
+    """``image_id,category,failed`` CSV -> {image_id: failed}; yes/no, true/false, 1/0 accepted."""
+    out: dict[str, bool] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"image_id", "failed"}
+        if not reader.fieldnames or not need <= set(reader.fieldnames):
+            raise LabelsError(f"{path}: expected columns image_id, category, failed; got {reader.fieldnames}")
+        for i, r in enumerate(reader):
+            v = (r["failed"] or "").strip().lower()
+            if v not in ("yes", "no", "true", "false", "1", "0"):
+                raise LabelsError(f"{path}:{i + 2}: failed must be yes/no, got {r['failed']!r}")
+            out[r["image_id"]] = v in ("yes", "true", "1")
+    return out
+
+
+class Judge:
+    """Subclasses set the class attributes and implement :meth:`p_fail`."""
+
+    name: ClassVar[str] = ""
+    categories: ClassVar[tuple[str, ...]] = FAILURE_CATEGORIES
+    validated: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def __init__(self, bundle: Any = None, labels: dict[str, bool] | None = None):
+        self.bundle = bundle
+        self.labels = labels or {}
+
+    def p_fail(self, category: str, rows: list[dict], emb) -> tuple[list[float], list[float] | None] | None:
+        """P(failure) for each image of ``category`` (``rows``, with L2-normalised eval-CLIP ``emb``),
+        and the out-of-fold P(failure) of the labelled ones when the judge learned from the labels
+        (None: its in-sample values are honest). None when it cannot judge here."""
+        raise NotImplementedError
+
+    def provenance(self) -> dict[str, str]:
+        return {"clip": getattr(self.bundle, "name", "") or ""}
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def judge_classes() -> dict[str, type[Judge]]:
+    """Name -> judge class: every ``eval/judge_*.py``, plus any subclass defined elsewhere."""
+    import t2i_curate.eval as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name.startswith("judge_"):
+            importlib.import_module(f"{pkg.__name__}.{m.name}")
+    return {c.name: c for c in _subclasses(Judge) if c.name}
+
+
+def configured_judges(names: list[str], bundle, labels: dict[str, bool]) -> list[Judge]:
+    classes = judge_classes()
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise UserError(f"eval.judges: unknown judge(s) {unknown}; expected some of {', '.join(sorted(classes))}")
+    return [classes[n](bundle=bundle, labels=labels) for n in names]

@@ -1,0 +1,106 @@
+"""CLIP models: the real OpenAI / open_clip ones of MODELS.md, a tiny seeded stand-in, and the one
+"encode and L2-normalise" that scoring, eval metrics and judges share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from t2i_curate.pipeline.config import ModelsConfig
+from t2i_curate.pipeline.weights import clip_checkpoint, split_clip_name
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# the CLIPs of MODELS.md: ViT-L/14 under the aesthetic and NSFW heads, ViT-B/32 for LAION's similarity
+KNOWN_CLIPS = ("ViT-L-14/openai", "ViT-B-32/openai")
+
+
+@dataclass
+class ClipBundle:
+    name: str
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    embed_dim: int
+    tiny: bool
+
+
+def tiny_clip(name: str, seed: int = 0) -> ClipBundle:
+    """open_clip.CLIP at toy size, seeded; same preprocessing as the real OpenAI models."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed + sum(map(ord, name)))
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg={"image_size": 224, "patch_size": 32, "width": 64, "layers": 1, "head_width": 32},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        quick_gelu=True,
+    ).eval()
+    preprocess = open_clip.image_transform(224, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    return ClipBundle(f"tiny:{name}", model, preprocess, tokenizer, 32, True)
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """OpenAI's own ``ViT-L-14.pt`` (as the ``clip`` package caches it) is a TorchScript archive."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
+
+
+def _load_torchscript_state(path: str) -> dict:
+    """The tensors of a TorchScript CLIP archive. ``torch.jit.load`` reads TorchScript code and
+    tensors, never arbitrary pickled Python, so it is as safe as ``weights_only=True``."""
+    import torch
+
+    state = torch.jit.load(path, map_location="cpu").state_dict()
+    for k in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # not parameters
+        state.pop(k, None)
+    return {k: v.float() for k, v in state.items()}
+
+
+def load_clip(name: str, mcfg: ModelsConfig, allow_download: bool = False) -> ClipBundle:
+    if mcfg.preset == "tiny":
+        return tiny_clip(name)
+    import open_clip
+    from open_clip import pretrained as ocp
+
+    arch, tag = split_clip_name(name)
+    path = clip_checkpoint(name, mcfg, allow_download)
+    pcfg = ocp.get_pretrained_cfg(arch, tag) or {}
+    jit = is_torchscript(path)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        arch, pretrained=None if jit else path, force_quick_gelu=bool(pcfg.get("quick_gelu", False)),
+        image_mean=pcfg.get("mean"), image_std=pcfg.get("std"),
+        image_interpolation=pcfg.get("interpolation"), image_resize_mode=pcfg.get("resize_mode"),
+        weights_only=True,
+    )
+    if jit:
+        model.load_state_dict(_load_torchscript_state(path))
+    model.eval()
+    embed_dim = open_clip.get_model_config(arch)["embed_dim"]
+    return ClipBundle(name, model, preprocess, open_clip.get_tokenizer(arch), embed_dim, False)
+
+
+def encode_images(bundle: ClipBundle, x) -> Any:
+    """L2-normalised float32 image embeddings of a preprocessed batch (on the batch's device)."""
+    import torch
+
+    with torch.inference_mode():
+        e = bundle.model.encode_image(x).float()
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
+def encode_texts(bundle: ClipBundle, texts: list[str], device: str = "cpu") -> Any:
+    """L2-normalised float32 text embeddings (an empty string for a missing caption)."""
+    import torch
+
+    tokens = bundle.tokenizer([t or "" for t in texts]).to(device)
+    with torch.inference_mode():
+        e = bundle.model.encode_text(tokens).float()
+    return torch.nn.functional.normalize(e, dim=-1)

@@ -1,0 +1,147 @@
+"""The run folder's layout: every path inside a run, shard names, and key -> shard.
+
+No other module spells a run-folder path or a shard number format; they ask a
+:class:`RunLayout`. img2dataset names its shards with five digits and its keys
+start with the shard number, so ``shard_of_key`` is the inverse of its keying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from t2i_curate.pipeline.io import shard_ids
+
+SHARD_DIGITS = 5
+
+
+def shard_name(n: int) -> str:
+    """Shard number -> file stem (``00042``)."""
+    return f"{n:0{SHARD_DIGITS}d}"
+
+
+def shard_of_key(key: str) -> int:
+    """img2dataset keys are the shard number (five digits here) followed by the in-shard index."""
+    return int(key[:SHARD_DIGITS])
+
+
+def shard_number(stem: str) -> int | None:
+    """File stem -> shard number, or None for anything that is not a shard file."""
+    return int(stem) if stem.isdigit() else None
+
+
+def demo_dir(runs_dir: str | Path) -> Path:
+    """The built-in demo's generated images and URL list, shared by every run under ``runs_dir``."""
+    return Path(runs_dir) / "_demo"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run folder (``runs/<name>/``)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # --- download (img2dataset's own output, plus our normalised input) ---
+    @property
+    def download(self) -> Path:
+        return self.root / "download"
+
+    @property
+    def input_file(self) -> Path:
+        """The validated, normalised URL list (every input row, with ``input_row``)."""
+        return self.download / "_input.parquet"
+
+    @property
+    def fetch_file(self) -> Path:
+        """The rows handed to img2dataset (the input less refused rows)."""
+        return self.download / "_fetch.parquet"
+
+    @property
+    def refused_file(self) -> Path:
+        """Input rows refused before any fetch (scheme, private address), with the reason."""
+        return self.download / "_refused.parquet"
+
+    @property
+    def retry_dir(self) -> Path:
+        return self.download / "_retry"
+
+    def download_tar(self, n: int) -> Path:
+        return self.download / f"{shard_name(n)}.tar"
+
+    def download_parquet(self, n: int) -> Path:
+        return self.download / f"{shard_name(n)}.parquet"
+
+    def download_stats(self, n: int) -> Path:
+        """Written last by img2dataset: marks a finished download shard."""
+        return self.download / f"{shard_name(n)}_stats.json"
+
+    def finished_downloads(self) -> list[int]:
+        """Download shards img2dataset finished (stats file, written last, plus tar and parquet)."""
+        return [s for s in shard_ids(self.download, "_stats.json")
+                if self.download_parquet(s).exists() and self.download_tar(s).exists()]
+
+    # --- scores ---
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores"
+
+    def score_parquet(self, n: int) -> Path:
+        return self.scores / f"{shard_name(n)}.parquet"
+
+    def embeddings(self, n: int) -> Path:
+        return self.scores / "embeddings" / f"{shard_name(n)}.npy"
+
+    def embeddings_rel(self, n: int) -> str:
+        """The embeddings file as recorded in the scores parquet metadata (relative to scores/)."""
+        return f"embeddings/{shard_name(n)}.npy"
+
+    # --- selection and curated shards ---
+    @property
+    def selected(self) -> Path:
+        return self.root / "selected"
+
+    @property
+    def decisions(self) -> Path:
+        return self.selected / "decisions.parquet"
+
+    @property
+    def manifest(self) -> Path:
+        return self.selected / "manifest.json"
+
+    def selected_tar(self, n: int) -> Path:
+        return self.selected / f"{shard_name(n)}.tar"
+
+    def selected_parquet(self, n: int) -> Path:
+        return self.selected / f"{shard_name(n)}.parquet"
+
+    # --- reports, catalog, eval ---
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def eval_dir(self, tag: str) -> Path:
+        return self.eval / tag
+
+    @property
+    def reference_cache(self) -> Path:
+        """Cached FID/KID reference statistics, shared by every evaluated model of the run."""
+        return self.eval / "_reference"

@@ -1,0 +1,61 @@
+"""``curate run``: every curation stage in order, then the catalog, the funnel and verify."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from t2i_curate.pipeline.config import RunConfig
+from t2i_curate.pipeline.layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+
+def model_manifest(run: Path) -> dict[str, Any]:
+    """Which scorer models made the scores (for the manifest and the funnel)."""
+    from t2i_curate.pipeline.score import read_provenance
+
+    prov = read_provenance(run)
+    return {"models": prov, "tiny_models": any(v.get("tiny") == "true" for v in prov.values())}
+
+
+def run_curation(cfg: RunConfig) -> dict[str, Any]:
+    """Download, score, select, write; refresh the catalog, count the funnel, verify.
+
+    Returns the stage summaries, the funnel and each stage's seconds. Missing weights and bad
+    input stop it before any download.
+    """
+    from t2i_curate.filters.registry import preflight
+    from t2i_curate.pipeline.catalog import refresh_catalog
+    from t2i_curate.pipeline.download import download_stage, read_url_list
+    from t2i_curate.pipeline.funnel import funnel
+    from t2i_curate.pipeline.runfolder import prepare_run, url_source
+    from t2i_curate.pipeline.score import score_stage
+    from t2i_curate.pipeline.selection import select_stage
+    from t2i_curate.pipeline.verify import check_run
+    from t2i_curate.pipeline.write import write_stage
+
+    preflight(cfg.score)  # a missing real weight stops the run here, before any download
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    with url_source(cfg) as urls:
+        table = read_url_list(urls, cfg.input)
+        run = prepare_run(cfg)
+        d = download_stage(cfg, run, urls, table)
+    times["download"] = time.perf_counter() - t
+    t = time.perf_counter()
+    s = score_stage(cfg, run, RunLayout(run).finished_downloads())
+    times["score"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sel = select_stage(cfg, run)
+    times["select"] = time.perf_counter() - t
+    t = time.perf_counter()
+    w = write_stage(cfg, run, model_manifest(run))
+    times["write"] = time.perf_counter() - t
+    refresh_catalog(run)
+    f = funnel(run)
+    check_run(run)
+    log.info("verify: %s is consistent (shards, parquet, manifest, accounting)", run)
+    return {"run": run, "download": d, "score": s, "select": sel, "write": w, "funnel": f, "seconds": times}

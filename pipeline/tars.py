@@ -1,0 +1,85 @@
+"""The one tar reader and the one tar writer that every stage uses.
+
+Reading: members come out as ``(key, ext, bytes)`` in tar order, only regular
+files with safe relative names (``../x``, ``/abs`` and links are skipped and
+logged, never followed). A truncated or damaged tar yields what was read before
+the damage and then stops; the reason is appended to the caller's ``errors``.
+
+Writing: members get a fixed mtime, mode 0444 and the USTAR format, so
+identical samples give byte-identical tars, and the file appears under its final
+name only when complete (:func:`~.io.atomic_path`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .io import atomic_path
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff"})
+
+
+def safe_member_name(name: str) -> str | None:
+    """A tar member name safe to use as a relative path, or None if it escapes."""
+    if not name or name.startswith("/") or "\\" in name:
+        return None
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    return name
+
+
+def iter_members(path: Path, keys: set[str] | None = None, exts: Iterable[str] | None = None,
+                 skip_exts: Iterable[str] = (), errors: list[str] | None = None,
+                 ) -> Iterator[tuple[str, str, bytes]]:
+    """``(key, ext, bytes)`` of the regular-file members of ``path`` with safe names.
+
+    ``keys``: only these keys; ``exts`` / ``skip_exts``: only / not these extensions
+    (lower-cased). A damaged tar ends the iteration; its reason goes to ``errors``.
+    """
+    want_ext = {e.lower() for e in exts} if exts is not None else None
+    skip = {e.lower() for e in skip_exts}
+    try:
+        with tarfile.open(path) as tf:
+            for m in tf:
+                name = safe_member_name(m.name)
+                if name is None or not m.isfile():
+                    log.warning("%s: skipping unsafe or non-file member %r", path, m.name)
+                    continue
+                key, _, ext = name.partition(".")
+                ext_l = ext.lower()
+                if (keys is not None and key not in keys) or ext_l in skip or (
+                        want_ext is not None and ext_l not in want_ext):
+                    continue
+                yield key, ext, tf.extractfile(m).read()
+    except (tarfile.TarError, EOFError, OSError) as e:  # truncated or damaged: keep what was read
+        log.warning("%s: tar ends early or cannot be read (%s)", path, e)
+        if errors is not None:
+            errors.append(f"{type(e).__name__}: {e}")
+
+
+def read_samples(path: Path, keys: set[str] | None = None, skip_exts: Iterable[str] = (),
+                 errors: list[str] | None = None) -> dict[str, list[tuple[str, bytes]]]:
+    """``key -> [(ext, bytes), ...]`` for the wanted keys (see :func:`iter_members`)."""
+    out: dict[str, list[tuple[str, bytes]]] = {}
+    for key, ext, data in iter_members(path, keys=keys, skip_exts=skip_exts, errors=errors):
+        out.setdefault(key, []).append((ext, data))
+    return out
+
+
+def write_samples(path: Path, samples: Iterable[tuple[str, Iterable[tuple[str, bytes]]]]) -> None:
+    """Write ``(key, [(ext, bytes), ...])`` samples, in the given order, atomically."""
+    with atomic_path(path) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for key, parts in samples:
+                for ext, data in parts:
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    # fixed mtime and mode: identical samples give byte-identical tars
+                    info.size, info.mode, info.mtime = len(data), 0o444, 0
+                    tf.addfile(info, io.BytesIO(data))

@@ -1,0 +1,156 @@
+"""Reference-faithful inputs, real presets, weight lookup, FID cache keys, funnel grouping."""
+
+import io
+import json
+import tarfile
+import time
+
+import numpy as np
+from conftest import curate
+
+from t2i_curate.pipeline.config import ModelsConfig, load_config, resolve_preset
+
+
+def _jpeg(w=1024, h=768, seed=0) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    # smooth gradients plus noise: a photo-like JPEG whose draft decode visibly differs
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], -1)
+    arr = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _decoded(tmp_path, data: bytes, draft):
+    from t2i_curate.filters.clip import tiny_clip
+    from t2i_curate.filters.watermark import watermark_transform
+    from t2i_curate.pipeline.decode import TarImages
+
+    tar = tmp_path / "00000.tar"
+    with tarfile.open(tar, "w") as tf:
+        info = tarfile.TarInfo("000000000.jpg")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    transforms = {"clip": tiny_clip("x").preprocess, "watermark": watermark_transform()}
+    [(key, tensors, err)] = list(TarImages(tar, ["000000000"], transforms, draft))
+    assert err is None
+    return tensors, transforms
+
+
+def test_exact_decode_reproduces_the_reference_inputs(tmp_path):
+    """'exact' = PIL full decode + convert('RGB') + the reference transforms, to the bit."""
+    from PIL import Image
+
+    data = _jpeg()
+    tensors, transforms = _decoded(tmp_path, data, draft=None)
+    ref_img = Image.open(io.BytesIO(data)).convert("RGB")  # what LAION's scripts do
+    for name, t in transforms.items():
+        assert np.array_equal(tensors[name].numpy(), t(ref_img).numpy()), name
+    fast, _ = _decoded(tmp_path, data, draft=256)
+    diff = max(float((fast[n] - tensors[n]).abs().max()) for n in tensors)
+    assert diff > 0.01, "fast mode should differ from exact on a 1024x768 JPEG"
+
+
+def test_every_preset_but_the_demo_uses_real_models():
+    names = sorted(p.stem for p in resolve_preset("demo").parent.glob("*.yaml"))
+    assert len(names) >= 6
+    for name in names:
+        preset = load_config(name).score.models.preset
+        assert preset == ("tiny" if name == "demo" else "real"), name
+    assert load_config(None).score.models.preset == "real"
+
+
+def test_real_preset_offline_fails_before_any_download(tmp_path):
+    urls = tmp_path / "urls.csv"
+    urls.write_text("URL,TEXT\nhttp://127.0.0.1:9/a.jpg,a photo of a horse\n")
+    t = time.perf_counter()
+    r = curate("run", "--config", "sd-v1", "--urls", urls, "--set", f"runs_dir={tmp_path / 'runs'}",
+               "--set", f"score.models.cache_dir={tmp_path / 'empty'}", check=False)
+    assert r.returncode == 2, r.stderr
+    assert time.perf_counter() - t < 60
+    assert "missing" in r.stderr and "local_weights" in r.stderr
+    assert not (tmp_path / "runs" / "sd-v1" / "download").exists()
+
+
+def _tiny_arch(tmp_path) -> str:
+    import open_clip
+
+    cfg = {"embed_dim": 32, "quick_gelu": True,
+           "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "patch_size": 32},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}}
+    (tmp_path / "tinytest-B-32.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tinytest-B-32.json")
+    return "tinytest-B-32"
+
+
+def test_openai_torchscript_archive_loads_as_local_weights(tmp_path):
+    """OpenAI's own .pt files are TorchScript archives; weights_only=True cannot read them."""
+    import open_clip
+    import torch
+
+    from t2i_curate.filters.clip import is_torchscript, load_clip
+
+    arch = _tiny_arch(tmp_path)
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch).eval()
+    img, txt = torch.randn(2, 3, 224, 224), torch.zeros(1, 77, dtype=torch.long)
+    path = tmp_path / "tiny-openai.pt"
+    torch.jit.trace(model, (img[:1], txt), check_trace=False, strict=False).save(str(path))
+    assert is_torchscript(path)
+    bundle = load_clip(f"{arch}/openai", ModelsConfig(preset="real", local_weights={f"{arch}/openai": str(path)}))
+    with torch.inference_mode():
+        assert torch.allclose(bundle.model.encode_image(img), model.encode_image(img), atol=1e-5)
+    assert not bundle.tiny and bundle.name == f"{arch}/openai"
+
+
+def test_clip_found_in_the_default_hugging_face_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hc
+
+    from t2i_curate.pipeline.weights import clip_checkpoint
+
+    hub = tmp_path / "hf"
+    repo = hub / "models--timm--vit_large_patch14_clip_224.openai"
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "open_clip_model.safetensors").write_bytes(b"x")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hub))
+    mcfg = ModelsConfig(preset="real", cache_dir=str(tmp_path / "ours"))
+    assert clip_checkpoint("ViT-L-14/openai", mcfg).endswith("abc123/open_clip_model.safetensors")
+
+
+def test_fid_reference_cache_key_covers_the_resize_protocol(tmp_path, monkeypatch):
+    from t2i_curate.eval import fid as metrics
+
+    spec = {"feature": "clip:tiny:x", "antialias": True}
+    a = metrics.reference_cache_key("/some/folder", tmp_path, spec, 100)
+    monkeypatch.setattr(metrics, "FID_SIZE", 256)
+    assert metrics.reference_cache_key("/some/folder", tmp_path, spec, 100) != a
+
+
+def test_funnel_groups_failures_by_error_class():
+    from t2i_curate.pipeline.funnel import error_class, group_failures
+
+    raw = [("download", f"<urlopen error [Errno -2] Name or service not known: http://h{i}.example/a b.jpg>", 1)
+           for i in range(50)]
+    raw += [("download", "HTTP Error 404: Not Found", 7), ("download", "HTTP Error 500: Internal Server Error", 2),
+            ("score", "decode: OSError: cannot open /tmp/x/y/z.jpg at offset 1234", 3)]
+    groups = group_failures(raw)
+    assert [(g["stage"], g["samples"]) for g in groups] == [("download", 50), ("download", 7), ("score", 3),
+                                                            ("download", 2)]
+    assert groups[1]["error"] == "HTTP Error 404: Not Found"
+    assert "http" not in groups[0]["error"] and groups[0]["example"].startswith("<urlopen error")
+    assert error_class("cannot open /tmp/x/y/z.jpg at offset 1234") == "cannot open <path> at offset <n>"
+
+
+def test_eval_of_a_real_model_never_uses_the_tiny_scoring_clip():
+    """The demo scores with tiny models; an eval of a real checkpoint on it must load real CLIPs."""
+    from t2i_curate.eval.evaluate import eval_models
+
+    assert eval_models(load_config("demo")).preset == "tiny"  # the tiny pipeline
+    assert eval_models(load_config("demo", ["eval.model=stable-diffusion-v1-5/stable-diffusion-v1-5"])).preset == "real"
+    assert eval_models(load_config("demo", ["eval.model=x/y", "eval.models=tiny"])).preset == "tiny"
