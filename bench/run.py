@@ -201,6 +201,8 @@ def step_write(n: int, workers: int, limit: int | None = None) -> dict:
     select_stage(cfg, run)
     for p in list((run / "selected").glob("0*")):
         p.unlink()
+    import duckdb  # noqa: E401, F401 (time the copy, not the first imports)
+
     t = time.perf_counter()
     write_stage(cfg, run)
     dt = time.perf_counter() - t
@@ -297,7 +299,7 @@ def _scorer_transforms(decode: str = "exact"):
     """The inputs the demo's scorers declare, as the score stage builds them (tiny models)."""
     from t2i_curate.pipeline.score import ShardScorer
 
-    scorer = ShardScorer(_cfg(10, 1, extra=(f"score.decode={decode}",)).score)
+    scorer = ShardScorer(_cfg(20, 1, extra=(f"score.decode={decode}",)).score)
     return scorer.transforms, scorer.draft
 
 

@@ -33,23 +33,25 @@ DROP_META = {"exif"}  # bulky, and the image bytes still carry it
 PLAN = "_plan.parquet"
 
 
-def write_plan(lay: RunLayout, per_shard: int) -> int:
-    """Selected samples' metadata, sorted by key, with their output ``shard``; returns the shard count."""
+def selected_metadata(lay: RunLayout):
+    """The selected samples' metadata (one DuckDB query), sorted by key: the write plan's rows."""
+    con = open_run(lay.root)
+    meta = arrow(con, "SELECT s.* FROM samples s JOIN decisions d USING (key) "
+                      "WHERE d.state = 'selected' ORDER BY key")
+    return meta.drop_columns([c for c in DROP_META if c in meta.column_names])
+
+
+def write_plan(lay: RunLayout, meta, per_shard: int) -> None:
+    """For executors in other processes: the plan as ``selected/_plan.parquet``, a row group per shard."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    con = open_run(lay.root)
-    meta = arrow(con, "SELECT s.* FROM samples s JOIN decisions d USING (key) "
-                      "WHERE d.state = 'selected' ORDER BY key")
-    meta = meta.drop_columns([c for c in DROP_META if c in meta.column_names])
-    shard = pc.divide(pa.array(range(meta.num_rows), pa.int64()), per_shard)
-    meta = meta.append_column("plan_shard", shard)
     from t2i_curate.pipeline.io import atomic_path
 
+    meta = meta.append_column("plan_shard", pc.divide(pa.array(range(meta.num_rows), pa.int64()), per_shard))
     with atomic_path(lay.selected / PLAN) as tmp:
         pq.write_table(meta, tmp, row_group_size=per_shard)
-    return math.ceil(meta.num_rows / per_shard)
 
 
 def _plan_rows(lay: RunLayout, shard: int) -> list[dict[str, Any]]:
@@ -85,12 +87,13 @@ def _images(lay: RunLayout, keys: list[str]) -> dict[str, list[tuple[str, bytes]
     return members
 
 
-def write_shard(run_dir: str, shard: int) -> dict[str, Any]:
-    """Write output shard ``shard`` from its planned rows; return its manifest entry."""
+def write_shard(run_dir: str, shard: int, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write output shard ``shard`` from its planned rows (given, or read from the plan file);
+    return its manifest entry."""
     import pyarrow as pa
 
     lay = RunLayout(Path(run_dir))
-    rows = _plan_rows(lay, shard)
+    rows = _plan_rows(lay, shard) if rows is None else rows
     keys = [r["key"] for r in rows]
     if shard_done(lay, shard, keys):
         return _entry(lay, shard, len(keys), skipped=True)
@@ -110,6 +113,10 @@ def write_shard(run_dir: str, shard: int) -> dict[str, Any]:
     return _entry(lay, shard, len(keys), skipped=False)
 
 
+def _write_rows(run_dir: str, plan: dict, shard: int) -> dict[str, Any]:
+    return write_shard(run_dir, shard, plan[shard].to_pylist())
+
+
 def _entry(lay: RunLayout, shard: int, n: int, skipped: bool) -> dict[str, Any]:
     tar = lay.selected_tar(shard)
     return {"shard": shard_name(shard), "samples": n, "bytes": tar.stat().st_size,
@@ -124,10 +131,17 @@ def write_stage(cfg: RunConfig, run_dir: Path, extra_manifest: dict | None = Non
         from t2i_curate.pipeline.selection import StageOrderError
 
         raise StageOrderError("no selection in this run; run `curate select` first")
-    n_shards = write_plan(lay, cfg.write.samples_per_shard)
+    per = cfg.write.samples_per_shard
+    meta = selected_metadata(lay)
+    n_shards = math.ceil(meta.num_rows / per)
     items = list(range(n_shards))
-    res = map_shards(partial(write_shard, str(run_dir)), items, workers=cfg.workers,
-                     executor=cfg.executor, desc="write", ray_cfg=cfg.ray, threads=True)
+    if cfg.executor == "local":  # threads share memory: hand each shard its rows
+        fn = partial(_write_rows, str(run_dir), {i: meta.slice(i * per, per) for i in items})
+    else:  # other processes read their rows from the plan file
+        write_plan(lay, meta, per)
+        fn = partial(write_shard, str(run_dir))
+    res = map_shards(fn, items, workers=cfg.workers, executor=cfg.executor, desc="write", ray_cfg=cfg.ray,
+                     threads=True)
     res.raise_if_failed("write")
     for stale in shard_ids(lay.selected, ".parquet"):
         if stale >= n_shards:
