@@ -133,7 +133,8 @@ def _bias(cfg, rows, images, img_emb, bundle) -> tuple[list[dict], dict[str, lis
 def eval_models(cfg: RunConfig):
     """Eval's own model settings: tiny CLIPs only for the tiny pipeline (``eval.models: auto``) or when
     asked; the weight locations are the scoring ones. Every output names the models that ran."""
-    preset = cfg.eval.models if cfg.eval.models != "auto" else ("tiny" if cfg.eval.model == "tiny" else "real")
+    tiny_pipeline = cfg.eval.model == "tiny" and not cfg.eval.images
+    preset = cfg.eval.models if cfg.eval.models != "auto" else ("tiny" if tiny_pipeline else "real")
     return cfg.score.models.model_copy(update={"preset": preset})
 
 
@@ -168,6 +169,12 @@ def _metric_rows(tag: str, rows: list[dict], fk: dict, bias_summary: dict) -> li
             out.append({"model": tag, "metric": k, "scope": "occupations", "value": bias_summary[k],
                         "n": bias_summary["n"]})
     return out
+
+
+def _input_problems(out_dir: Path) -> dict | None:
+    """Counts of images without prompts, prompts without images and unreadable images (``--images``)."""
+    path = out_dir / "input_problems.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _versions() -> dict[str, str]:
@@ -207,10 +214,12 @@ def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
     write_parquet(out_dir / "eval_failures.parquet", _table(failures, _empty_failure(tag)))
     write_parquet(out_dir / "eval_bias.parquet", _table(bias_rows, _empty_bias(tag)))
     result = {
-        "model": cfg.eval.model, "tag": tag, "tiny_model": cfg.eval.model == "tiny", "tiny_eval_models": tiny,
+        "model": f"images in {cfg.eval.images}" if cfg.eval.images else cfg.eval.model, "tag": tag,
+        "tiny_model": cfg.eval.model == "tiny" and not cfg.eval.images, "tiny_eval_models": tiny,
         "n_images": len(rows), "fid": fk["fid"], "kid_mean": fk["kid_mean"], "kid_std": fk["kid_std"],
         "fid_protocol": fk["protocol"], "clip_score": float(np.mean(scores)), "clip_score_model": bundle.name,
         "failures": failures, "judges": judges, "bias": bias_summary, "labels": cfg.eval.labels,
+        "input_problems": _input_problems(out_dir),
         "provenance": {"config": json.loads(cfg.eval.model_dump_json()), "seed": cfg.eval.seed,
                        "eval_models": "tiny" if tiny else "real", "versions": _versions()},
     }
@@ -238,7 +247,8 @@ def eval_dir(cfg: RunConfig) -> Path:
     """``runs/<name>/eval/<tag>``; the tag defaults to the model name made file-safe."""
     from t2i_curate.pipeline.layout import RunLayout
 
-    tag = cfg.eval.tag or "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.eval.model.strip("/"))
+    source = f"images-{Path(cfg.eval.images).resolve().name}" if cfg.eval.images else cfg.eval.model.strip("/")
+    tag = cfg.eval.tag or "".join(c if c.isalnum() or c in "-_." else "_" for c in source)
     return RunLayout(cfg.run_dir).eval_dir(tag)
 
 
@@ -261,13 +271,23 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
         raise StageOrderError(f"eval.reference=run but {cfg.run_dir} has no curated shards: run `make filter` "
                               f"(curate run) first, or set eval.reference to a folder")
     out = eval_dir(cfg)
-    prompts = load_suites(cfg.eval.suites, cfg.eval.max_prompts_per_suite)
     t = time.perf_counter()
-    sample(cfg.eval, prompts, out, executor=cfg.executor, workers=cfg.workers, ray_cfg=cfg.ray)
+    external = None
+    if cfg.eval.images:  # images made elsewhere: measured as they are
+        from t2i_curate.eval.external import external_images
+
+        if not cfg.eval.prompts:
+            from t2i_curate.pipeline.errors import UserError
+
+            raise UserError("--images needs --prompts FILE: which prompt and category each image file answers")
+        external = external_images(Path(cfg.eval.images), Path(cfg.eval.prompts), out)
+    else:
+        prompts = load_suites(cfg.eval.suites, cfg.eval.max_prompts_per_suite)
+        sample(cfg.eval, prompts, out, executor=cfg.executor, workers=cfg.workers, ray_cfg=cfg.ray)
     seconds = {"sample": time.perf_counter() - t}
     t = time.perf_counter()
     m = measure(cfg, cfg.run_dir, out)
     seconds["measure"] = time.perf_counter() - t
     html_path, _ = build_report(out)
     refresh_catalog(cfg.run_dir)
-    return {**m, "seconds": seconds, "report": str(html_path)}
+    return {**m, "seconds": seconds, "report": str(html_path), "input_problems": external}

@@ -55,7 +55,10 @@ def _warning(m: dict) -> tuple[str, list[str]]:
 def _summary_section(m: dict) -> tuple[list[str], list[str]]:
     proto = m["fid_protocol"]
     fid = f"{m['fid']:.2f} (N gen {proto['n_generated']}, N ref {proto['n_reference']})"
-    items = [("images", str(m["n_images"])), ("FID", fid), ("KID", f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}"),
+    probs = m.get("input_problems")
+    measured = str(m["n_images"]) + (f" (left out: {probs['no_prompt']} without a prompt row, {probs['no_image']} "
+                                     f"prompt rows without an image, {probs['unreadable']} unreadable)" if probs else "")
+    items = [("images", measured), ("FID", fid), ("KID", f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}"),
              ("feature extractor", proto["feature"]), ("CLIP score", f"{m['clip_score']:.2f} ({m['clip_score_model']})")]
     warn_html, warn_md = _warning(m)
     parts = [f"<h1>Evaluation: {html.escape(m['model'])}</h1>", warn_html, "<h2>Summary</h2><table>",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from t2i_curate.filters.dedup import DUPLICATE_RULE, ExactDedup, dedup_ctes
 from t2i_curate.pipeline.errors import UserError
 
 _MISSING_COL = re.compile(r'Referenced column "?([^"\s]+)"? not found', re.IGNORECASE)
@@ -46,37 +47,46 @@ REFUSED_KEY = "printf('refused-%09d', input_row)"
 def refused_sql(source: str = "refused") -> str:
     """Decisions of the refused rows: failed at download, with the refusal as the error."""
     return (f"SELECT {REFUSED_KEY} AS key, 'failed' AS state, NULL::VARCHAR AS rule, reason AS error, "
-            f"'download' AS failed_stage FROM {source}")
+            f"'download' AS failed_stage, NULL::VARCHAR AS duplicate_of FROM {source}")
 
 
-def decision_sql(rules: list, source: str | None = "samples", refused: str | None = None) -> str:
-    """One query: key, state (selected/dropped/failed), rule, error, failed_stage.
+DECISION_COLUMNS = ("key", "state", "rule", "error", "failed_stage", "duplicate_of")
 
-    ``source``: the samples (None when nothing was fetched); ``refused``: the refused rows, if any.
+
+def decision_sql(rules: list, source: str | None = "samples", refused: str | None = None,
+                 dedup: ExactDedup | None = None) -> str:
+    """One query: key, state (selected/dropped/failed), rule, error, failed_stage, duplicate_of.
+
+    ``source``: the samples (None when nothing was fetched); ``refused``: the refused rows, if any;
+    ``dedup``: exact deduplication (``filters/dedup.py``) among the samples every rule keeps, or None.
     """
     if source is None:
-        cols = ", ".join(f"NULL::VARCHAR AS {c}" for c in ("key", "state", "rule", "error", "failed_stage"))
+        cols = ", ".join(f"NULL::VARCHAR AS {c}" for c in DECISION_COLUMNS)
         return refused_sql(refused) + "\nORDER BY key" if refused else f"SELECT {cols} LIMIT 0"
     union = f"\nUNION ALL\n{refused_sql(refused)}" if refused else ""
     drop_cases = "".join(
         f"\n      WHEN NOT coalesce(({r.keep}), false) THEN '{r.name}'" for r in rules
     )
     rule_expr = f"CASE{drop_cases}\n      ELSE NULL END" if rules else "NULL"
+    ok = "status = 'success' AND score_status = 'ok'"
+    ctes = dedup_ctes("judged", f"{ok} AND drop_rule IS NULL", dedup) if dedup else ""
+    dup = "dd_dups.duplicate_of" if dedup else "NULL::VARCHAR"
+    join = "\nLEFT JOIN dd_dups USING (key)" if dedup else ""
     return f"""
 WITH judged AS (
-  SELECT key, status, error_message, score_status, score_error,
-    CASE WHEN status = 'success' AND score_status = 'ok' THEN {rule_expr} END AS drop_rule
+  SELECT *, CASE WHEN {ok} THEN {rule_expr} END AS drop_rule
   FROM {source}
-)
+){ctes}
 SELECT key,
   CASE WHEN status <> 'success' OR score_status IS DISTINCT FROM 'ok' THEN 'failed'
-       WHEN drop_rule IS NOT NULL THEN 'dropped'
+       WHEN drop_rule IS NOT NULL OR {dup} IS NOT NULL THEN 'dropped'
        ELSE 'selected' END AS state,
-  drop_rule AS rule,
+  coalesce(drop_rule, CASE WHEN {dup} IS NOT NULL THEN '{DUPLICATE_RULE}' END) AS rule,
   CASE WHEN status <> 'success' THEN {DOWNLOAD_ERROR}
        WHEN score_status IS DISTINCT FROM 'ok' THEN coalesce(score_error, 'not scored') END AS error,
   CASE WHEN status <> 'success' THEN 'download'
-       WHEN score_status IS DISTINCT FROM 'ok' THEN 'score' END AS failed_stage
-FROM judged{union}
+       WHEN score_status IS DISTINCT FROM 'ok' THEN 'score' END AS failed_stage,
+  {dup} AS duplicate_of
+FROM judged{join}{union}
 ORDER BY key
 """

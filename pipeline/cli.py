@@ -21,6 +21,9 @@ def _config(args):
         overrides.append(f"input.urls={args.urls}")
     if getattr(args, "model", None):
         overrides.append(f"eval.model={args.model}")
+    for key in ("images", "prompts"):  # curate eval --images DIR --prompts FILE
+        if getattr(args, key, None):
+            overrides.append(f"eval.{key}={args.__dict__[key]}")
     cfg = load_config(args.config, overrides)
     from t2i_curate.filters.registry import configured
 
@@ -154,6 +157,10 @@ def cmd_eval(args) -> dict:
              for f in m["failures"] if f["n"]]
     if m["bias"]:
         rows.append(("gender MAD / skin-tone MAD", f"{m['bias']['gender_mad']} / {m['bias']['skin_tone_mad']}"))
+    if m.get("input_problems"):
+        p = m["input_problems"]
+        rows.append(("images without prompt / prompts without image / unreadable",
+                     f"{p['no_prompt']} / {p['no_image']} / {p['unreadable']}"))
     rows += [(f"{k} seconds", f"{v:.1f}") for k, v in m["seconds"].items()] + [("report", m["report"])]
     _summary("eval" + (" (TINY RANDOM PIPELINE: numbers not meaningful)" if m["tiny_model"] else ""), rows)
     return m
@@ -295,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="sample a text-to-image model over prompt suites, measure, report")
     _common(sp, urls=False)
     sp.add_argument("--model", help="diffusers hub id or folder (same as --set eval.model=...); default tiny")
+    sp.add_argument("--images", help="measure images made elsewhere in this folder instead of sampling")
+    sp.add_argument("--prompts", help="with --images: jsonl/csv mapping each image file to its prompt and category")
     sp.set_defaults(fn=cmd_eval)
     sp = sub.add_parser("report", help="rebuild report.html / report.md from saved eval files")
     sp.add_argument("eval_dir", nargs="?", help="runs/<name>/eval/<tag> (default: from the config)")

@@ -79,6 +79,7 @@ class ModelsConfig(_Strict):
     similarity_clip: str = "ViT-B-32/openai"
     aesthetic_clip: str = "ViT-L-14/openai"
     aesthetic_head: Literal["v2", "v1"] = "v2"
+    nsfw_clip: str = "ViT-L-14/openai"  # the LAION NSFW detector exists for ViT-L-14 and ViT-B-32
     # local files that replace the weight source of a model (name -> path)
     local_weights: dict[str, str] = Field(default_factory=dict)
 
@@ -113,8 +114,19 @@ class Rule(_Strict):
         return v
 
 
+class DedupConfig(_Strict):
+    """Exact deduplication among the samples every rule keeps (README "Deduplication")."""
+
+    # same normalised URL or same downloaded bytes (sha256): one sample kept, others dropped `duplicate`
+    exact: bool = True
+    # DuckDB ORDER BY over the sample columns: the first copy is kept (`key` breaks ties). This
+    # default falls back to `key` when the run has no aesthetic_score column (no aesthetic scorer).
+    keep_order: str = Field("aesthetic_score DESC NULLS LAST, key", min_length=1)
+
+
 class SelectConfig(_Strict):
     rules: list[Rule] = Field(default_factory=list)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
 
     @field_validator("rules")
     @classmethod
@@ -123,6 +135,8 @@ class SelectConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"rule names must be unique; repeated: {sorted(dup)}")
+        if "duplicate" in names:
+            raise ValueError("rule name 'duplicate' is reserved for deduplication (select.dedup)")
         return v
 
 
@@ -134,7 +148,10 @@ class EvalConfig(_Strict):
     # "tiny": a random pipeline built in code (offline, numbers not meaningful);
     # otherwise a diffusers hub id or a local folder.
     model: str = "tiny"
-    tag: str | None = None  # folder name under eval/; default derived from model
+    tag: str | None = None  # folder name under eval/; default derived from model (or the images folder)
+    # images made elsewhere (`curate eval --images DIR --prompts FILE`): measured instead of sampling
+    images: str | None = None
+    prompts: str | None = None  # jsonl or csv: file, prompt, and optionally id, category, occupation
     suites: list[str] = Field(default_factory=lambda: ["people", "horses", "occupations", "general"])
     max_prompts_per_suite: int | None = Field(None, ge=1)
     samples_per_prompt: int = Field(2, ge=1)

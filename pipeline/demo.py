@@ -1,7 +1,7 @@
 """Built-in demo data: procedurally generated LAION-style rows, served on loopback.
 
-``build_demo(folder, n)`` writes images, a ground-truth table and a URL-list
-template. ``serve_demo(folder)`` starts an HTTP server on 127.0.0.1 (random
+``build_demo(folder, n)`` writes images, a ground-truth table (its ``duplicate_of``
+column names the row an exact duplicate copies) and a URL-list template. ``serve_demo(folder)`` starts an HTTP server on 127.0.0.1 (random
 port) and yields the URL-list parquet with that server's address in it, so
 img2dataset downloads the demo for real. Nothing touches the network beyond
 loopback.
@@ -89,12 +89,12 @@ def build_demo(folder: Path, n: int = 600, seed: int = 0) -> Path:
     if gt_path.exists():
         import pyarrow.parquet as pq
 
-        if pq.read_metadata(gt_path).num_rows == n + _n_special(n):
+        if pq.read_metadata(gt_path).num_rows == n + _n_special(n) + N_DUPLICATES:
             return gt_path
     (folder / "img").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {k: [] for k in (
-        "demo_id", "path", "kind", "TEXT", "true_width", "true_height", "watermarked")}
+        "demo_id", "path", "kind", "TEXT", "true_width", "true_height", "watermarked", "duplicate_of")}
     from tqdm import tqdm
 
     for i, (w, h) in enumerate(tqdm(_size_plan(rng, n), desc="demo images", unit="img")):
@@ -106,6 +106,7 @@ def build_demo(folder: Path, n: int = 600, seed: int = 0) -> Path:
         caption = _caption(rng, i)
         _add(rows, i, f"/{name}", "image", caption, w, h, wm is not None)
     _add_specials(rows, folder, n, rng)
+    _add_duplicates(rows)
     write_parquet(gt_path, pa.table(rows))
     log.info("demo data: %d rows in %s", len(rows["demo_id"]), folder)
     return gt_path
@@ -118,7 +119,8 @@ def _caption(rng: np.random.Generator, i: int) -> str:
     return f"{STYLES[int(rng.integers(len(STYLES)))]} of {subject}"
 
 
-def _add(rows, i, path, kind, caption, w, h, watermarked):
+def _add(rows, i, path, kind, caption, w, h, watermarked, duplicate_of=None):
+    rows["duplicate_of"].append(duplicate_of)  # demo_id of the row this one duplicates exactly
     rows["demo_id"].append(i)
     rows["path"].append(path)
     rows["kind"].append(kind)
@@ -153,8 +155,34 @@ def _add_specials(rows, folder: Path, n: int, rng: np.random.Generator) -> None:
         i += 1
 
 
+# exact duplicates (select.dedup): path of the copy given the original's path
+DUPLICATE_PATHS = {
+    "duplicate_url": lambda p: p,  # the same URL on a second row
+    "duplicate_url_fragment": lambda p: p + "#copy",  # the same URL once normalised (fragment dropped)
+    "duplicate_bytes": lambda p: p.replace("/img/", "/mirror/", 1),  # the same file at another path
+}
+N_DUPLICATES = len(DUPLICATE_PATHS)
+
+
+def _passes_demo_rules(rows, i: int) -> bool:
+    w, h, cap = rows["true_width"][i], rows["true_height"][i], rows["TEXT"][i].strip()
+    return min(w, h) >= 256 and max(w, h) <= 3 * min(w, h) and len(cap.split()) > 2 and len(cap) > 5
+
+
+def _add_duplicates(rows) -> None:
+    """One copy each of the first images the demo's rules keep, so dedup (not a rule) drops it."""
+    originals = [i for i, k in enumerate(rows["kind"]) if k == "image" and _passes_demo_rules(rows, i)]
+    i = len(rows["demo_id"])
+    for (kind, path_of), o in zip(DUPLICATE_PATHS.items(), originals, strict=False):
+        _add(rows, i, path_of(rows["path"][o]), kind, rows["TEXT"][o], rows["true_width"][o],
+             rows["true_height"][o], rows["watermarked"][o], duplicate_of=rows["demo_id"][o])
+        i += 1
+
+
 class _DemoHandler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path.startswith("/mirror/"):  # the same file as /img/... (exact duplicate bytes)
+            self.path = "/img/" + self.path[len("/mirror/"):]
         if self.path.startswith("/missing/"):
             self.send_error(404, "gone")
             return

@@ -25,13 +25,13 @@ from t2i_curate.pipeline.tars import read_samples, write_samples
 
 log = logging.getLogger(__name__)
 
-# Columns img2dataset writes; with every scorer's columns (filters.registry), an input column
+# Columns img2dataset writes; with every scorer's columns (filters.registry: `punsafe`,
+# `pwatermark`, ...; LAION's spellings of score columns are reserved that way), an input column
 # equal to one of these (ignoring case) is carried as ``input_<name>`` instead, so no two columns
 # differ only by case (DuckDB would rename one of them silently).
 IMG2DATASET_COLUMNS = {
     "key", "url", "caption", "status", "error_message", "width", "height",
     "original_width", "original_height", "exif", "md5", "sha256", "sha512",
-    "punsafe",  # LAION's NSFW score column: reserved for the scorer that will write it
 }
 ALIASES = {"aesthetic": "aesthetic_score"}  # LAION spellings of our columns
 

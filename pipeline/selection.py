@@ -1,8 +1,9 @@
 """Select stage: the config's named rules, compiled to one DuckDB query.
 
 Writes ``selected/decisions.parquet``: one row per input row with ``state``
-(``selected`` / ``dropped`` / ``failed``), the dropping ``rule``, and for
-failures the ``error`` and ``failed_stage``.
+(``selected`` / ``dropped`` / ``failed``), the dropping ``rule`` (``duplicate`` for exact
+duplicates, with the kept sample's key in ``duplicate_of``), and for failures the ``error``
+and ``failed_stage``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from t2i_curate.filters.dedup import DEFAULT_KEEP_ORDER, FALLBACK_KEEP_ORDER, ExactDedup
 from t2i_curate.filters.rules import RuleError, decision_sql, explain_missing, missing_column
 from t2i_curate.pipeline.catalog import arrow, open_run
 from t2i_curate.pipeline.config import RunConfig
@@ -38,6 +40,32 @@ def check_rules(con, rules) -> None:
             raise RuleError(f"rule {r.name!r}: {r.keep!r} is not a valid DuckDB expression: {e}") from None
         if rows and rows[0][0] not in ("BOOLEAN", "NULL"):
             raise RuleError(f"rule {r.name!r}: expected a true/false expression, got a {rows[0][0]}: {r.keep!r}")
+
+
+def dedup_plan(con, dcfg) -> ExactDedup | None:
+    """Exact deduplication for this run (None: ``select.dedup.exact`` is off).
+
+    ``keep_order`` is bound against the ``samples`` view; the default order falls back to
+    ``key`` when the run has no ``aesthetic_score`` column, any other missing column is refused.
+    """
+    import duckdb
+
+    if not dcfg.exact:
+        return None
+    order = dcfg.keep_order
+    try:
+        con.execute(f"SELECT key FROM samples ORDER BY {order}, key LIMIT 0").fetchall()
+    except duckdb.Error as e:
+        col = missing_column(str(e))
+        if col and order == DEFAULT_KEEP_ORDER:
+            log.info("dedup: no %s column in this run; the first copy by key is kept", col)
+            order = FALLBACK_KEEP_ORDER
+        elif col:
+            raise RuleError(explain_missing("select.dedup.keep_order", col)) from None
+        else:
+            raise RuleError(f"select.dedup.keep_order: {order!r} is not a valid DuckDB ORDER BY: {e}") from None
+    cols = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+    return ExactDedup(keep_order=order, by_sha256="sha256" in cols, by_url="url" in cols)
 
 
 def check_complete(run_dir: Path, con) -> None:
@@ -73,9 +101,12 @@ def select_stage(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
         raise StageOrderError("no download input in this run; run `curate download` first")
     check_complete(run_dir, con)
     source = "samples" if _has(con, "downloads") else None  # None: every URL was refused
+    dedup = None
     if source:
         check_rules(con, cfg.select.rules)
-    table = arrow(con, decision_sql(cfg.select.rules, source, "refused" if _has(con, "refused") else None))
+        dedup = dedup_plan(con, cfg.select.dedup)
+    refused = "refused" if _has(con, "refused") else None
+    table = arrow(con, decision_sql(cfg.select.rules, source, refused, dedup))
     decisions = RunLayout(run_dir).decisions
     write_parquet(decisions, table)
     counts = dict(con.execute(

@@ -3,8 +3,8 @@
 Returns a list of problems (empty when the run is sound): sample counts and
 keys of each tar against its parquet, each curated shard's sha256 against
 ``manifest.json``, duplicate keys across shards, scores for every download
-success, download results + refused URLs = input, and the accounting identity
-written + dropped + failed = input.
+success, download results + refused URLs = input, every ``duplicate_of`` pointing at a
+selected sample, and the accounting identity written + dropped + failed = input.
 """
 
 from __future__ import annotations
@@ -85,12 +85,19 @@ def verify_run(run_dir: Path) -> list[str]:
 
 
 def _check_decisions(lay: RunLayout, n_input: int, problems: list[str]) -> None:
-    dec = _parquet_rows(lay.decisions, problems, ["key", "state"])
+    import pyarrow.parquet as pq
+
+    has_dup = "duplicate_of" in pq.read_schema(lay.decisions).names
+    dec = _parquet_rows(lay.decisions, problems, ["key", "state"] + (["duplicate_of"] if has_dup else []))
     states = Counter(d["state"] for d in dec)
     if len(dec) != n_input:
         problems.append(f"accounting: {len(dec)} decisions for {n_input} input rows")
     if len({d["key"] for d in dec}) != len(dec):
         problems.append("accounting: a key has more than one decision")
+    selected = {d["key"] for d in dec if d["state"] == "selected"}
+    orphans = [d["key"] for d in dec if d.get("duplicate_of") and d["duplicate_of"] not in selected]
+    if orphans:
+        problems.append(f"dedup: {len(orphans)} duplicates point at a sample that is not selected, e.g. {orphans[:3]}")
     if lay.manifest.exists():
         written = json.loads(lay.manifest.read_text()).get("samples")
         if written != states.get("selected", 0):

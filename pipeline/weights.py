@@ -36,8 +36,9 @@ class WeightsMismatchError(UserError):
 class WeightFile:
     name: str  # the key for score.models.local_weights
     filename: str
-    url: str
+    url: str | None  # None: no public download (e.g. our conversion of an upstream file)
     sha256: str | None  # None: unknown upstream; recorded on first download and pinned
+    origin: str = ""  # where a file without a url comes from (said when it is missing)
 
 
 def cache_dir(mcfg: ModelsConfig) -> Path:
@@ -75,6 +76,12 @@ def resolve_weight(wf: WeightFile, mcfg: ModelsConfig, allow_download: bool = Fa
         return p
     p = cache_dir(mcfg) / wf.filename
     if not p.is_file():
+        if wf.url is None:  # no download exists: `make weights` would not help either
+            raise WeightsMissingError(
+                f"weights for {wf.name} are missing ({p}): {wf.filename} is "
+                f"{wf.origin or 'not downloadable'}, which `curate weights` cannot build yet; pass it with "
+                f"`--set \"score.models.local_weights={{{wf.name}: /path/to/{wf.filename}}}\"` "
+                f"or put it in {p.parent}")
         if not allow_download:
             raise WeightsMissingError(f"weights for {wf.name} are missing: " + _how_to_provide(wf.name, p))
         download(wf.url, p)
@@ -146,6 +153,7 @@ def fetch_all(mcfg: ModelsConfig, clip_names: list[str], files: list[WeightFile]
     out = {}
     for n in clip_names:
         out[n] = clip_checkpoint(n, mcfg, allow_download=True)
-    for wf in files:
+    # downloadable files first: a missing file without a URL stops here with how to provide it
+    for wf in sorted(files, key=lambda w: w.url is None):
         out[wf.name] = str(resolve_weight(wf, mcfg, allow_download=True))
     return out

@@ -27,7 +27,7 @@ def test_every_row_accounted_for(demo_run):
     run, _ = demo_run
     f = json.loads((run / "report" / "funnel.json").read_text())
     n_input = pq.read_metadata(run / "download" / "_input.parquet").num_rows
-    assert f["input"] == n_input == 60 + 9  # 60 images + 3 dead, 3 html, 3 truncated
+    assert f["input"] == n_input == 60 + 9 + 3  # 60 images + 3 dead, 3 html, 3 truncated + 3 exact duplicates
     assert f["written"] + f["dropped"] + f["failed"] == n_input
     assert f["written"] > 0 and f["dropped"] > 0 and f["failed"] == 9
     dec = pq.read_table(run / "selected" / "decisions.parquet").to_pylist()
@@ -49,13 +49,32 @@ def test_failures_have_their_reasons(demo_run):
     assert "404" in kinds["dead_link"]
 
 
+def test_demo_duplicates_keep_one_copy(demo_run):
+    run, _ = demo_run
+    f = json.loads((run / "report" / "funnel.json").read_text())
+    assert f["dropped_by_rule"]["duplicate"] == 3
+    rows = duckdb.connect().execute(f"""
+        SELECT i.demo_id, d.state, d.rule, o.demo_id FROM read_parquet('{run}/download/0000*.parquet') i
+        JOIN read_parquet('{run}/selected/decisions.parquet') d USING (key)
+        LEFT JOIN read_parquet('{run}/download/0000*.parquet') o ON o.key = d.duplicate_of""").fetchall()
+    got = {i: (state, rule, of) for i, state, rule, of in rows}
+    gt = pq.read_table(run.parent / "_demo" / "ground_truth.parquet").to_pylist()
+    pairs = [(r["demo_id"], r["duplicate_of"]) for r in gt if r["duplicate_of"] is not None]
+    assert len(pairs) == 3
+    for copy, original in pairs:  # exactly one of the two is written, the other points at it
+        states = sorted([got[copy], got[original]], key=lambda s: s[0] != "selected")
+        kept = copy if got[copy][0] == "selected" else original
+        assert states[0] == ("selected", None, None)
+        assert states[1] == ("dropped", "duplicate", kept)
+
+
 def test_sizes_match_ground_truth(demo_run):
     run, _ = demo_run
     gt = {r["demo_id"]: r for r in pq.read_table(run.parent / "_demo" / "ground_truth.parquet").to_pylist()}
     rows = duckdb.connect().execute(
         f"SELECT demo_id, original_width, original_height FROM read_parquet('{run}/download/0000*.parquet') "
         "WHERE status = 'success'").fetchall()
-    assert len(rows) == 60
+    assert len(rows) == 60 + 3  # the 3 exact duplicates download fine
     for i, w, h in rows:
         assert (w, h) == (gt[i]["true_width"], gt[i]["true_height"])
 
@@ -98,7 +117,7 @@ def test_catalog_views_and_query_formats(demo_run, tmp_path):
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     assert {"input", "downloads", "scores", "samples", "decisions", "funnel", "shards"} <= views
     total = con.execute("SELECT sum(samples) FROM funnel").fetchall()[0][0]
-    assert total == 69
+    assert total == 72
     out = tmp_path / "q.csv"
     curate("query", "--run", run, "SELECT state, count(*) AS n FROM decisions GROUP BY 1 ORDER BY 1",
            "--format", "csv", "--output", out)
