@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,eval]'
+	# the text scorer's models; --no-deps: its opencv-python would shadow img2dataset's headless cv2
+	$(PY) -m pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4
 	touch $@
 
 filter: setup

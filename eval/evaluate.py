@@ -19,7 +19,15 @@ import numpy as np
 
 from t2i_curate.eval import bias as B  # noqa: N812
 from t2i_curate.eval.fid import fid_kid
-from t2i_curate.eval.stats import agreement, clip_score, corrected_rate, wilson
+from t2i_curate.eval.stats import (
+    CLIP_SCORE_DEFINITION,
+    CLIP_SCORE_TORCHMETRICS,
+    agreement,
+    clip_cosine,
+    clip_score_torchmetrics,
+    corrected_rate,
+    wilson,
+)
 from t2i_curate.pipeline.config import RunConfig
 from t2i_curate.pipeline.io import write_json, write_parquet
 
@@ -138,9 +146,27 @@ def eval_models(cfg: RunConfig):
     return cfg.score.models.model_copy(update={"preset": preset})
 
 
-def _load_images(out_dir: Path) -> tuple[list[dict], list]:
+class _LazyImages:
+    """The eval PNGs as a read-only sequence, each opened when indexed (a slice: a list), so that measure
+    never holds every image at once."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        with Image.open(self.paths[i]) as im:
+            return im.convert("RGB")
+
+
+def _load_images(out_dir: Path) -> tuple[list[dict], _LazyImages]:
     import pyarrow.parquet as pq
-    from PIL import Image
 
     table = pq.read_table(out_dir / "eval_images.parquet")
     rows = [{k: v for k, v in r.items() if k not in MEASURE_COLUMNS and not k.startswith("p_fail_")}
@@ -149,7 +175,7 @@ def _load_images(out_dir: Path) -> tuple[list[dict], list]:
         from t2i_curate.pipeline.errors import UserError
 
         raise UserError(f"{out_dir}/eval_images.parquet has no images; run the sampler first")
-    return rows, [Image.open(out_dir / r["file"]).convert("RGB") for r in rows]
+    return rows, _LazyImages([out_dir / r["file"] for r in rows])
 
 
 def _metric_rows(tag: str, rows: list[dict], fk: dict, bias_summary: dict) -> list[dict]:
@@ -198,8 +224,10 @@ def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
     tiny = mcfg.preset == "tiny"
     bundle = _clip_bundle(cfg.eval.clip_score_model, mcfg)
     img_emb, txt_emb = _embed(bundle, images, [r["prompt"] for r in rows])
-    scores = clip_score(img_emb, txt_emb).tolist()
-    fk = fid_kid(cfg.eval, mcfg, tiny, run_dir, images, RunLayout(run_dir).reference_cache)
+    cos = clip_cosine(img_emb, txt_emb)
+    scores = (100 * cos.clamp(min=0)).tolist()  # stats.clip_score: the paper's per-image clamp
+    # CLIP, FID/KID and bias open the PNGs from disk, 32 (or one) at a time
+    fk = fid_kid(cfg.eval, mcfg, tiny, run_dir, images.paths, RunLayout(run_dir).reference_cache)
     failures, fail_cols, judges = _failures(cfg, rows, img_emb, bundle, out_dir)
     bias_rows, bias_cols, bias_summary = _bias(cfg, rows, images, img_emb, bundle)
     tag = out_dir.name
@@ -218,6 +246,9 @@ def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
         "tiny_model": cfg.eval.model == "tiny" and not cfg.eval.images, "tiny_eval_models": tiny,
         "n_images": len(rows), "fid": fk["fid"], "kid_mean": fk["kid_mean"], "kid_std": fk["kid_std"],
         "fid_protocol": fk["protocol"], "clip_score": float(np.mean(scores)), "clip_score_model": bundle.name,
+        "clip_score_definition": CLIP_SCORE_DEFINITION,
+        "clip_score_torchmetrics": clip_score_torchmetrics(cos), "clip_score_torchmetrics_definition":
+            CLIP_SCORE_TORCHMETRICS,
         "failures": failures, "judges": judges, "bias": bias_summary, "labels": cfg.eval.labels,
         "input_problems": _input_problems(out_dir),
         "provenance": {"config": json.loads(cfg.eval.model_dump_json()), "seed": cfg.eval.seed,

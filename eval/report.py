@@ -52,6 +52,15 @@ def _warning(m: dict) -> tuple[str, list[str]]:
             [f"> **{text}**", ""])
 
 
+def _clip_line(m: dict) -> str:
+    """The paper's corpus score, named, with torchmetrics' aggregate beside it (older metrics: the first only)."""
+    line = (f"{m['clip_score']:.2f}: {m.get('clip_score_definition', 'per-image clamp, then mean')} "
+            f"({m['clip_score_model']})")
+    if m.get("clip_score_torchmetrics") is not None:
+        line += f"; {m['clip_score_torchmetrics']:.2f}: {m['clip_score_torchmetrics_definition']}"
+    return line
+
+
 def _summary_section(m: dict) -> tuple[list[str], list[str]]:
     proto = m["fid_protocol"]
     fid = f"{m['fid']:.2f} (N gen {proto['n_generated']}, N ref {proto['n_reference']})"
@@ -59,7 +68,8 @@ def _summary_section(m: dict) -> tuple[list[str], list[str]]:
     measured = str(m["n_images"]) + (f" (left out: {probs['no_prompt']} without a prompt row, {probs['no_image']} "
                                      f"prompt rows without an image, {probs['unreadable']} unreadable)" if probs else "")
     items = [("images", measured), ("FID", fid), ("KID", f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}"),
-             ("feature extractor", proto["feature"]), ("CLIP score", f"{m['clip_score']:.2f} ({m['clip_score_model']})")]
+             ("FID protocol", proto["resize"] if proto.get("protocol") else f"(before protocols) {proto['resize']}"),
+             ("feature extractor", proto["feature"]), ("CLIP score", _clip_line(m))]
     warn_html, warn_md = _warning(m)
     parts = [f"<h1>Evaluation: {html.escape(m['model'])}</h1>", warn_html, "<h2>Summary</h2><table>",
              *[f"<tr><td>{k}</td><td>{html.escape(v)}</td></tr>" for k, v in items], "</table>"]

@@ -44,9 +44,26 @@ def corrected_rate(observed: float, sensitivity: float | None, specificity: floa
 # --- CLIP score -----------------------------------------------------------------------------
 
 
-def clip_score(image_emb, text_emb):
-    """Per-image CLIP score: 100 * max(cos(image, text), 0). Embeddings need not be normalised."""
+CLIP_SCORE_DEFINITION = "CLIPScore paper corpus score (per-image clamp, then mean)"
+CLIP_SCORE_TORCHMETRICS = "torchmetrics CLIPScore aggregate (mean, then clamp)"
+
+
+def clip_cosine(image_emb, text_emb):
+    """Per-image cosine of image and text embeddings (which need not be normalised)."""
     import torch
 
-    cos = torch.nn.functional.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
-    return 100 * cos.clamp(min=0)
+    return torch.nn.functional.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
+
+
+def clip_score(image_emb, text_emb):
+    """Per-image CLIP score: 100 * max(cos(image, text), 0). Embeddings need not be normalised.
+    Its mean is the CLIPScore paper's corpus score (Hessel et al. 2021, w = 100 here)."""
+    return 100 * clip_cosine(image_emb, text_emb).clamp(min=0)
+
+
+def clip_score_torchmetrics(cosines) -> float:
+    """torchmetrics' ``CLIPScore`` aggregate of the same cosines: max(100 * mean(cos), 0), the clamp after
+    the mean. Differs from the paper's corpus score whenever some cosine is negative."""
+    import torch
+
+    return float(max(100 * torch.as_tensor(cosines, dtype=torch.float64).mean(), 0.0))

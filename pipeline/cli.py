@@ -151,7 +151,7 @@ def cmd_eval(args) -> dict:
     from t2i_curate.eval.evaluate import run_eval
 
     m = run_eval(_config(args))
-    rows = [("images", m["n_images"]), ("FID", f"{m['fid']:.2f} ({m['fid_protocol']['feature']})"),
+    rows = [("images", m["n_images"]), ("FID", f"{m['fid']:.2f} ({m['fid_protocol']['protocol']}, {m['fid_protocol']['feature']})"),
             ("KID", f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}"), ("CLIP score", f"{m['clip_score']:.2f}")]
     rows += [(f"failure {f['category']} / {f['judge']}", f"{f['rate']:.2f} [{f['ci_low']:.2f}, {f['ci_high']:.2f}]")
              for f in m["failures"] if f["n"]]
@@ -191,7 +191,8 @@ def cmd_compare(args) -> dict:
         check_comparable(ms[0]["fid_protocol"], m["fid_protocol"])
     rows = [(m["tag"], f"FID {m['fid']:.2f} | KID {m['kid_mean']:.4f} | CLIP {m['clip_score']:.2f} | "
              f"N {m['n_images']}" + (" | TINY" if m["tiny_model"] else "")) for m in ms]
-    _summary(f"compare ({ms[0]['fid_protocol']['feature']})", rows)
+    p0 = ms[0]["fid_protocol"]
+    _summary(f"compare ({p0.get('protocol', 'no protocol name')}, {p0['feature']})", rows)
     return {}
 
 

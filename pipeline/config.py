@@ -80,6 +80,11 @@ class ModelsConfig(_Strict):
     aesthetic_clip: str = "ViT-L-14/openai"
     aesthetic_head: Literal["v2", "v1"] = "v2"
     nsfw_clip: str = "ViT-L-14/openai"  # the LAION NSFW detector exists for ViT-L-14 and ViT-B-32
+    # text scorer (PP-OCRv4, real with every preset): the longer side, in px, the detector sees
+    # (images resized up or down to it; cost grows with its square), and whether to also
+    # recognise the text (the `text` column; NULL when off, the default, for speed)
+    text_side: int = Field(320, ge=32, le=2048)
+    text_recognition: bool = False
     # local files that replace the weight source of a model (name -> path)
     local_weights: dict[str, str] = Field(default_factory=dict)
 
@@ -168,7 +173,11 @@ class EvalConfig(_Strict):
     reference: str = "run"
     max_reference: int = Field(5000, ge=2)
     inception_weights: str | None = None  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
-    fid_antialias: bool = False  # False: comparable with pytorch-fid / torch-fidelity
+    # how images reach the FID/KID features (eval/fid.py): "torch-fidelity" (pytorch-fid compatible: no
+    # crop, the network's own resize), "clean" (clean-fid), "legacy-crop" (centre crop, as before protocols)
+    fid_protocol: Literal["torch-fidelity", "clean", "legacy-crop"] = "torch-fidelity"
+    # retired: never had an effect (images reached the network at 299 px already); only false is accepted
+    fid_antialias: bool = False
     feature_clip: str = "ViT-L-14/openai"  # CLIP features for FID when no Inception weights
     clip_score_model: str = "ViT-L-14/openai"
     # the CLIPs of CLIP score, FID features and judges: "auto" = tiny only for the tiny pipeline
@@ -177,6 +186,14 @@ class EvalConfig(_Strict):
     # failure judges (eval/judge_*.py, one file each); checked against them when eval starts
     judges: list[str] = Field(default_factory=lambda: ["clip_contrast", "probe"])
     bias_reference: str | None = None  # csv: occupation, attribute, value, share
+
+    @field_validator("fid_antialias")
+    @classmethod
+    def _antialias_retired(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("eval.fid_antialias is retired (it never changed a score); choose how images are "
+                             "resized with eval.fid_protocol: torch-fidelity, clean or legacy-crop")
+        return v
 
 
 class RayConfig(_Strict):

@@ -73,13 +73,18 @@ class TarImages(tud.IterableDataset):
 
 
 def _collate(items):
-    import torch
-
     keys = [k for k, _, _ in items]
     errors = {k: e for k, _, e in items if e is not None}
     ok = [t for _, t, e in items if e is None]
-    inputs = {name: torch.stack([t[name] for t in ok]) for name in ok[0]} if ok else {}
+    inputs = {name: _stack([t[name] for t in ok]) for name in ok[0]} if ok else {}
     return keys, inputs, errors
+
+
+def _stack(values: list):
+    """Tensors (same shape) are stacked; other inputs (e.g. arrays of each image's own size) stay a list."""
+    import torch
+
+    return torch.stack(values) if isinstance(values[0], torch.Tensor) else values
 
 
 def iter_decoded_batches(rows: list[dict], tar_path: Path, transforms: dict[str, Callable], cfg,

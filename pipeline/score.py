@@ -113,8 +113,11 @@ class ShardScorer:
         cols: dict[str, list] = {"key": keys}
         for c in ["score_status", "score_error", *self.columns]:
             cols[c] = [results[k].get(c) for k in keys]
-        if self.bank is not None:  # flag every row scored with tiny random models
-            cols["tiny_models"] = [self.bank.tiny] * len(keys)
+        if self.bank is not None:  # flag every row scored with tiny random models (by any scorer:
+            # a real model among tiny ones, e.g. the text detector, says tiny false in its provenance)
+            tiny = any(s.provenance().get("tiny", str(self.bank.tiny).lower()) == "true"
+                       for s in self.scorers if s.uses_models)
+            cols["tiny_models"] = [tiny] * len(keys)
         emb_array = None
         if embeddings:
             emb_keys = [k for k in keys if k in embeddings]

@@ -14,7 +14,7 @@ def test_defaults_and_presets_validate():
 def test_demo_inherits_datacomp_rules_in_order():
     names = [r.name for r in load_config("demo").select.rules]
     assert names == ["min_shorter_side_200", "max_aspect_3", "caption_over_2_words",
-                     "caption_over_5_chars", "min_shorter_side_256"]
+                     "caption_over_5_chars", "min_shorter_side_256", "max_text_area"]
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -124,12 +124,15 @@ def test_clip_found_in_the_default_hugging_face_cache(tmp_path, monkeypatch):
 
 
 def test_fid_reference_cache_key_covers_the_resize_protocol(tmp_path, monkeypatch):
-    from t2i_curate.eval import fid as metrics
+    from t2i_curate.eval import fid
+    from t2i_curate.pipeline.config import EvalConfig
 
-    spec = {"feature": "clip:tiny:x", "antialias": True}
-    a = metrics.reference_cache_key("/some/folder", tmp_path, spec, 100)
-    monkeypatch.setattr(metrics, "FID_SIZE", 256)
-    assert metrics.reference_cache_key("/some/folder", tmp_path, spec, 100) != a
+    keys = {p: fid.reference_cache_key("/some/folder", tmp_path, fid.feature_spec(EvalConfig(fid_protocol=p), True), 100)
+            for p in ("torch-fidelity", "clean", "legacy-crop")}
+    assert len(set(keys.values())) == 3
+    spec = fid.feature_spec(EvalConfig(fid_protocol="clean"), True)
+    monkeypatch.setitem(fid._PREPROCESS, "clean", "a changed resize")  # same name, different resize
+    assert fid.reference_cache_key("/some/folder", tmp_path, spec, 100) != keys["clean"]
 
 
 def test_funnel_groups_failures_by_error_class():

@@ -169,11 +169,11 @@ def test_changed_rules_rewrite_only_what_changed(demo_run, tmp_path):
 def test_changing_scorers_rescores_without_a_new_download(demo_run):
     run, _ = demo_run
     tars = {p.name: sha256_file(p) for p in (run / "download").glob("*.tar")}
-    p = curate("run", *small_demo_args(run.parent, extra=["--set", "score.scorers=[resolution, aesthetic]"]))
+    p = curate("run", *small_demo_args(run.parent, extra=["--set", "score.scorers=[resolution, aesthetic, text]"]))
     assert "all 4 shards finished already" in p.stderr
     assert {p.name: sha256_file(p) for p in (run / "download").glob("*.tar")} == tars
     cols = pq.read_schema(run / "scores" / "00000.parquet").names
-    assert "aesthetic_score" in cols and "pwatermark" not in cols
+    assert "aesthetic_score" in cols and "text_area" in cols and "pwatermark" not in cols  # demo's rules need text
     curate("run", *small_demo_args(run.parent))  # back to the config's scorers
     assert "pwatermark" in pq.read_schema(run / "scores" / "00000.parquet").names
 

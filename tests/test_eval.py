@@ -216,6 +216,9 @@ def test_eval_end_to_end_and_report_rebuild(tmp_path):
     assert limbs["n_labelled"] == 12 and "kappa" in limbs
     html = (out / "report.html").read_text()
     assert "not meaningful" in html and "data:image/png;base64," in html and "Wilson" in html
+    assert m["fid_protocol"]["protocol"] == "torch-fidelity" and "torch-fidelity" in html
+    assert "CLIPScore paper corpus score (per-image clamp, then mean)" in html and "torchmetrics" in html
+    assert m["clip_score_torchmetrics"] <= m["clip_score"] + 1e-9
     (out / "report.html").unlink()
     curate("report", *args)
     assert (out / "report.html").exists()
