@@ -36,6 +36,7 @@ def _cfg(n: int, workers: int, name: str = "bench", extra: tuple = ()):
     from t2i_curate.pipeline.config import load_config
 
     return load_config("demo", [f"runs_dir={OUT / 'runs'}", f"name={name}", f"input.demo_size={n}",
+                                "download.allow_private_addresses=true",  # the bombs step serves on loopback
                                 f"workers={workers}", f"download.processes={workers}", *extra])
 
 

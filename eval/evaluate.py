@@ -91,8 +91,9 @@ def _failures(cfg, rows, img_emb, bundle, out_dir: Path) -> tuple[list[dict], di
             for j, i in enumerate(idx):
                 per_image[f"p_fail_{judge.name}"][i] = p[j]
             out_rows.append(_rate_row(category, judge, p, lab_y, oof if oof is not None else [p[j] for j in lab]))
+    ran = {r["judge"] for r in out_rows}
     info = {j.name: {"description": j.description, "validated": j.validated, "categories": list(j.categories),
-                     **j.provenance()} for j in judges}
+                     "ran": j.name in ran, **j.provenance()} for j in judges}
     return out_rows, per_image, info
 
 

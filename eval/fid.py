@@ -209,6 +209,28 @@ def inception_pool3_299(weights_path: str):
     return Pool3().eval()
 
 
+INCEPTION_SHA256_PREFIX = "6726825d"  # torch-fidelity's file name carries its sha256's first 8 hex digits
+
+
+def inception_label(path: Path) -> str:
+    """What the Inception weights file is, from its content: the torch-fidelity release only when its
+    sha256 matches the release's, else the file's own digest. The file must load as plain tensors
+    (torch-fidelity itself loads it with ``weights_only=False``, so nothing else is handed to it)."""
+    import torch
+
+    from t2i_curate.pipeline.io import sha256_file
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle that is not plain tensors never reaches torch-fidelity's loader
+        raise UserError(f"eval.inception_weights: {path} does not load as plain tensors "
+                        f"(weights_only=True): {type(e).__name__}: {e}") from None
+    digest = sha256_file(path)
+    if digest.startswith(INCEPTION_SHA256_PREFIX):
+        return "inception-v3 (torch-fidelity 2015-12-05, pool3 2048)"
+    return f"inception-v3 architecture, weights {path.name} sha256 {digest[:16]} (not the torch-fidelity release)"
+
+
 def feature_spec(ecfg, tiny: bool) -> dict[str, Any]:
     """What the features are and which protocol prepares the images: part of the protocol and cache key."""
     proto = ecfg.fid_protocol
@@ -219,7 +241,7 @@ def feature_spec(ecfg, tiny: bool) -> dict[str, Any]:
             raise WeightsMissingError(f"eval.inception_weights: {ecfg.inception_weights} does not exist")
         net = ("none (images are 299 px already)" if proto == "clean" else
                "the network's own resize to 299 (TensorFlow-1.x bilinear, no antialias)")
-        return {"feature": "inception-v3 (torch-fidelity 2015-12-05, pool3 2048)", "protocol": proto,
+        return {"feature": inception_label(Path(ecfg.inception_weights)), "protocol": proto,
                 "network_resize": net}
     name = ("tiny:" if tiny else "") + ecfg.feature_clip
     return {"feature": f"clip:{name}", "protocol": proto,

@@ -86,6 +86,7 @@ def _failure_section(m: dict) -> tuple[list[str], list[str]]:
     head = ["category", "judge", "N", "failed", "rate", "95% CI", "precision", "recall", "kappa", "corrected"]
     judges = m.get("judges", {})
     about = [f"{n} ({'validated on labels' if j['validated'] else 'not validated'}): {j['description']}"
+             if j.get("ran", True) else f"{n}: configured but did not run (e.g. the probe needs a labels file)"
              for n, j in judges.items()]
     parts = ["<h2>Failure rates per category (95% Wilson intervals)</h2>",
              "<ul>" + "".join(f"<li>{html.escape(a)}</li>" for a in about) + "</ul>",

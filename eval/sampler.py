@@ -161,6 +161,15 @@ def _sample_chunk(ecfg_json: str, images_dir: str, item: tuple) -> list[dict]:
     return rows
 
 
+def _made_by(old: dict | None, planned: dict, ecfg: EvalConfig) -> bool:
+    """Was the saved image made by the model and settings planned now (model, seed, steps, guidance, size)?"""
+    if old is None:
+        return False
+    want = {"model": ecfg.model, "seed": planned["seed"], "steps": ecfg.steps, "guidance": ecfg.guidance,
+            "height": ecfg.height, "width": ecfg.width, "prompt": planned["prompt"]}
+    return all(old.get(k) == v for k, v in want.items())
+
+
 def sample(ecfg: EvalConfig, prompts: list[dict], out_dir: Path, executor: str = "local", workers: int = 1,
            ray_cfg=None) -> Path:
     """Generate every planned image not already on disk; write ``eval_images.parquet``; return it.
@@ -180,8 +189,11 @@ def sample(ecfg: EvalConfig, prompts: list[dict], out_dir: Path, executor: str =
         import pyarrow.parquet as pq
 
         old = {r["image_id"]: r for r in pq.read_table(meta_path).to_pylist()}
-    todo = [r for r in plan if not (images_dir / f"{r['image_id']}.png").exists() or r["image_id"] not in old]
-    rows = {k: v for k, v in old.items() if (images_dir / f"{k}.png").exists()}
+    # an image is reused only when it was made by these settings; any other image is made again
+    current = {r["image_id"]: r for r in plan if (images_dir / f"{r['image_id']}.png").exists()
+               and _made_by(old.get(r["image_id"]), r, ecfg)}
+    todo = [r for r in plan if r["image_id"] not in current]
+    rows = {k: old[k] for k in current}
     if todo and executor == "ray":
         from functools import partial
 

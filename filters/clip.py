@@ -53,11 +53,29 @@ def is_torchscript(path: str | Path) -> bool:
         return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
 
 
-def _load_torchscript_state(path: str) -> dict:
-    """The tensors of a TorchScript CLIP archive. ``torch.jit.load`` reads TorchScript code and
-    tensors, never arbitrary pickled Python, so it is as safe as ``weights_only=True``."""
+def openai_sha256(arch: str, tag: str) -> str | None:
+    """The sha256 OpenAI publishes for a checkpoint: the folder name in its download URL."""
+    from open_clip import pretrained as ocp
+
+    url = (ocp.get_pretrained_cfg(arch, tag) or {}).get("url", "")
+    parts = url.rstrip("/").split("/")
+    return parts[-2] if len(parts) >= 2 and len(parts[-2]) == 64 else None
+
+
+def _load_torchscript_state(path: str, name: str) -> dict:
+    """The tensors of OpenAI's TorchScript CLIP archive. ``torch.jit.load`` can run code an archive
+    carries, so only a file whose sha256 is the one OpenAI published for ``name`` is loaded."""
     import torch
 
+    from t2i_curate.pipeline.io import sha256_file
+    from t2i_curate.pipeline.weights import WeightsMismatchError
+
+    want, got = openai_sha256(*split_clip_name(name)), sha256_file(path)
+    if got != want:
+        raise WeightsMismatchError(
+            f"{path}: a TorchScript archive whose sha256 {got} is not the one OpenAI published for {name} "
+            f"({want or 'none known'}); TorchScript can carry code, so only OpenAI's own files are loaded. "
+            f"Convert it to a state dict or safetensors and pass that as score.models.local_weights.{name}")
     state = torch.jit.load(path, map_location="cpu").state_dict()
     for k in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # not parameters
         state.pop(k, None)
@@ -81,7 +99,7 @@ def load_clip(name: str, mcfg: ModelsConfig, allow_download: bool = False) -> Cl
         weights_only=True,
     )
     if jit:
-        model.load_state_dict(_load_torchscript_state(path))
+        model.load_state_dict(_load_torchscript_state(path, name))
     model.eval()
     embed_dim = open_clip.get_model_config(arch)["embed_dim"]
     return ClipBundle(name, model, preprocess, open_clip.get_tokenizer(arch), embed_dim, False)

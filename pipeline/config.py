@@ -62,10 +62,11 @@ class DownloadConfig(_Strict):
     max_aspect_ratio: float = Field(float("inf"), gt=0)
     # URL safety: only these schemes are fetched (file://, data:, ftp:// ... end `failed`), and
     # hosts that are literal loopback / private / link-local addresses or `localhost` are refused
-    # unless allowed (the demo and tests serve on 127.0.0.1). Hostnames resolving to private
+    # unless allowed. None: allowed only for the built-in demo (input.urls: demo, served on 127.0.0.1),
+    # never for a user's URL list, even with the demo preset. Hostnames resolving to private
     # addresses are not checked.
     allowed_schemes: list[str] = Field(default_factory=lambda: ["http", "https"])
-    allow_private_addresses: bool = False
+    allow_private_addresses: bool | None = None
     # decompression bombs: images whose header declares more pixels are refused before decoding
     # (Pillow's default limit); OpenCV in img2dataset's workers gets it as OPENCV_IO_MAX_IMAGE_PIXELS
     max_image_pixels: int = Field(89_478_485, ge=1)
@@ -229,6 +230,8 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json", include={"input", "download"})
         for k in ("processes", "threads", "distributor"):
             d["download"].pop(k)
+        if d["download"]["allow_private_addresses"] is None:  # unset: what the URL guard applies
+            d["download"]["allow_private_addresses"] = self.input.urls == "demo"
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     # top-level sections a run folder's fingerprint leaves out (listed for the refusal message)

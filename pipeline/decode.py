@@ -16,10 +16,9 @@ from typing import Any
 
 import torch.utils.data as tud
 
-from t2i_curate.pipeline.tars import IMAGE_EXTS, iter_members
+from t2i_curate.pipeline.tars import IMAGE_EXTS, MISSING, iter_members
 
 MAX_PIXELS = 89_478_485  # as Pillow and download.max_image_pixels: a larger declared size is a bomb
-MISSING = "decode: image missing from the download tar (truncated or damaged tar?)"
 
 
 def decode_image(data: bytes, draft: int | None = None):

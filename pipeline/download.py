@@ -220,6 +220,14 @@ def expected_shards(n_rows: int, per_shard: int) -> int:
     return (n_rows + per_shard - 1) // per_shard
 
 
+def guard_settings(cfg: RunConfig):
+    """The download settings the URL guard applies: private addresses are allowed when the config says
+    so, or (``allow_private_addresses`` unset) for the built-in demo alone, never a user's list."""
+    allow = cfg.download.allow_private_addresses
+    return cfg.download.model_copy(update={"allow_private_addresses": cfg.input.urls == "demo" if allow is None
+                                           else allow})
+
+
 def split_refused(cfg: RunConfig, lay: RunLayout) -> tuple[Path, int]:
     """Write the rows img2dataset may fetch to ``_fetch.parquet`` and the refused ones, with
     their reasons, to ``_refused.parquet`` (removed when none); return (fetch list, refused)."""
@@ -229,7 +237,8 @@ def split_refused(cfg: RunConfig, lay: RunLayout) -> tuple[Path, int]:
     from t2i_curate.pipeline.urlguard import url_refusal
 
     table = pq.read_table(lay.input_file)
-    reasons = [url_refusal(u, cfg.download) for u in table[cfg.input.url_col].to_pylist()]
+    dcfg = guard_settings(cfg)
+    reasons = [url_refusal(u, dcfg) for u in table[cfg.input.url_col].to_pylist()]
     refused = [i for i, r in enumerate(reasons) if r is not None]
     allowed = pa.array([r is None for r in reasons], type=pa.bool_())
     write_parquet(lay.fetch_file, table.filter(allowed))
@@ -337,7 +346,8 @@ def _allowed_only(cfg: RunConfig, rows):
 
     from t2i_curate.pipeline.urlguard import url_refusal
 
-    ok = [url_refusal(u, cfg.download) is None for u in rows[cfg.input.url_col].to_pylist()]
+    dcfg = guard_settings(cfg)
+    ok = [url_refusal(u, dcfg) is None for u in rows[cfg.input.url_col].to_pylist()]
     if not all(ok):
         log.warning("retry-failed: %d refreshed URL(s) refused, not retried", ok.count(False))
     return rows.filter(pa.array(ok, type=pa.bool_()))

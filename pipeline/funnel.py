@@ -28,6 +28,10 @@ def funnel(run_dir: Path, provenance: dict | None = None) -> dict[str, Any]:
     n_input = con.execute("SELECT count(*) FROM input").fetchall()[0][0]
     by_state = dict(con.execute("SELECT state, count(*) FROM decisions GROUP BY state").fetchall())
     lay = RunLayout(run_dir)
+    if not lay.manifest.exists():
+        from t2i_curate.pipeline.selection import StageOrderError
+
+        raise StageOrderError(f"{run_dir} has no curated shards yet: run `curate write` (or `curate run`) first")
     manifest = json.loads(lay.manifest.read_text())
     written = manifest["samples"]
     if written != by_state.get("selected", 0):

@@ -25,11 +25,6 @@ def shard_of_key(key: str) -> int:
     return int(key[:SHARD_DIGITS])
 
 
-def shard_number(stem: str) -> int | None:
-    """File stem -> shard number, or None for anything that is not a shard file."""
-    return int(stem) if stem.isdigit() else None
-
-
 def demo_dir(runs_dir: str | Path) -> Path:
     """The built-in demo's generated images and URL list, shared by every run under ``runs_dir``."""
     return Path(runs_dir) / "_demo"

@@ -79,8 +79,15 @@ class ShardScorer:
             from t2i_curate.pipeline.decode import iter_decoded_batches
 
             return iter_decoded_batches(rows, tar_path, self.transforms, self.cfg, self.draft)
+        # no scorer decodes images, but a sample missing from a truncated tar still fails here
+        from t2i_curate.pipeline.tars import IMAGE_EXTS, MISSING, member_keys
+
+        present = member_keys(tar_path, IMAGE_EXTS)
+        errors = {r["key"]: MISSING for r in rows if r["key"] not in present}
         bs = self.cfg.batch_size
-        return ((rows[i : i + bs], {}, {}) for i in range(0, len(rows), bs))
+        batches = [(rows[i : i + bs], {}, {k: v for k, v in errors.items() if k in {r["key"] for r in rows[i : i + bs]}})
+                   for i in range(0, len(rows), bs)]
+        return iter(batches)
 
     def _score_batch(self, batch_rows, inputs, errors, results, embeddings) -> None:
         import numpy as np

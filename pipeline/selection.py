@@ -68,9 +68,11 @@ def dedup_plan(con, dcfg) -> ExactDedup | None:
     return ExactDedup(keep_order=order, by_sha256="sha256" in cols, by_url="url" in cols)
 
 
-def check_complete(run_dir: Path, con) -> None:
-    """Every input row must have a download result and every download shard scores."""
-    from t2i_curate.pipeline.io import shard_ids
+def check_complete(run_dir: Path, con, scfg=None) -> None:
+    """Every input row must have a download result and every download shard current scores: made
+    from that download shard by this config's scorer settings (never a mix of old and new)."""
+    from t2i_curate.pipeline.io import file_stamp, shard_ids
+    from t2i_curate.pipeline.score import scorer_settings, shard_is_current
 
     n_input = con.execute("SELECT count(*) FROM input").fetchall()[0][0]
     n_down = con.execute("SELECT count(*) FROM downloads").fetchall()[0][0] if _has(con, "downloads") else 0
@@ -87,6 +89,14 @@ def check_complete(run_dir: Path, con) -> None:
             f"score is not finished: shards {missing[:10]}{'...' if len(missing) > 10 else ''} "
             f"have no scores; run `curate score` first"
         )
+    if scfg is not None:
+        settings = scorer_settings(scfg)
+        stale = [s for s in lay.finished_downloads() if not shard_is_current(
+            lay.score_parquet(s), file_stamp(lay.download_parquet(s), lay.download_tar(s)), settings)]
+        if stale:
+            raise StageOrderError(
+                f"scores of shards {stale[:10]}{'...' if len(stale) > 10 else ''} were made with other scorer "
+                f"settings (or from an older download); run `curate score` with this config first")
 
 
 def _has(con, view: str) -> bool:
@@ -99,7 +109,7 @@ def select_stage(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
     con = open_run(run_dir)
     if not _has(con, "input"):
         raise StageOrderError("no download input in this run; run `curate download` first")
-    check_complete(run_dir, con)
+    check_complete(run_dir, con, cfg.score)
     source = "samples" if _has(con, "downloads") else None  # None: every URL was refused
     dedup = None
     if source:

@@ -23,6 +23,7 @@ from .io import atomic_path
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff"})
+MISSING = "decode: image missing from the download tar (truncated or damaged tar?)"
 
 
 def safe_member_name(name: str) -> str | None:
@@ -62,6 +63,24 @@ def iter_members(path: Path, keys: set[str] | None = None, exts: Iterable[str] |
         log.warning("%s: tar ends early or cannot be read (%s)", path, e)
         if errors is not None:
             errors.append(f"{type(e).__name__}: {e}")
+
+
+def member_keys(path: Path, exts: Iterable[str] | None = None, errors: list[str] | None = None) -> set[str]:
+    """Keys of the safe regular-file members (of ``exts``), from the headers alone: no data is read."""
+    want_ext = {e.lower() for e in exts} if exts is not None else None
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path) as tf:
+            for m in tf:
+                name = safe_member_name(m.name)
+                key, _, ext = (name or "").partition(".")
+                if name and m.isfile() and (want_ext is None or ext.lower() in want_ext):
+                    keys.add(key)
+    except (tarfile.TarError, EOFError, OSError) as e:  # truncated: the keys read so far
+        log.warning("%s: tar ends early or cannot be read (%s)", path, e)
+        if errors is not None:
+            errors.append(f"{type(e).__name__}: {e}")
+    return keys
 
 
 def read_samples(path: Path, keys: set[str] | None = None, skip_exts: Iterable[str] = (),

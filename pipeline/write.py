@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 KEY_RE = re.compile(r"^[0-9A-Za-z_-]+$")
 DROP_META = {"exif"}  # bulky, and the image bytes still carry it
 PLAN = "_plan.parquet"
+PLAN_DIGEST_KEY = b"t2i_curate_rows_sha256"
 
 
 def selected_metadata(lay: RunLayout):
@@ -61,13 +62,23 @@ def _plan_rows(lay: RunLayout, shard: int) -> list[dict[str, Any]]:
     return table.drop_columns(["plan_shard"]).to_pylist()
 
 
-def shard_done(lay: RunLayout, shard: int, keys: list[str]) -> bool:
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """sha256 of the planned rows (keys, metadata and scores): a shard is current only for these rows."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def shard_done(lay: RunLayout, shard: int, digest: str) -> bool:
+    """The shard exists and was written from exactly these rows (same keys and the same scores:
+    re-scoring with other models rewrites it even when the same samples are selected)."""
     import pyarrow.parquet as pq
 
     pq_path, tar_path = lay.selected_parquet(shard), lay.selected_tar(shard)
     if not (pq_path.exists() and tar_path.exists()):
         return False
-    return pq.read_table(pq_path, columns=["key"])["key"].to_pylist() == keys
+    meta = pq.read_schema(pq_path).metadata or {}
+    return meta.get(PLAN_DIGEST_KEY, b"").decode() == digest
 
 
 def _clean(v: Any) -> Any:
@@ -95,7 +106,8 @@ def write_shard(run_dir: str, shard: int, rows: list[dict[str, Any]] | None = No
     lay = RunLayout(Path(run_dir))
     rows = _plan_rows(lay, shard) if rows is None else rows
     keys = [r["key"] for r in rows]
-    if shard_done(lay, shard, keys):
+    digest = rows_digest(rows)
+    if shard_done(lay, shard, digest):
         return _entry(lay, shard, len(keys), skipped=True)
     bad = [k for k in keys if not KEY_RE.match(k)]
     if bad:
@@ -109,7 +121,8 @@ def write_shard(run_dir: str, shard: int, rows: list[dict[str, Any]] | None = No
                for r in rows)
     write_samples(lay.selected_tar(shard), samples)
     out_rows = [{**r, "shard": shard_name(shard)} for r in rows]
-    write_parquet(lay.selected_parquet(shard), pa.Table.from_pylist(out_rows))
+    table = pa.Table.from_pylist(out_rows)
+    write_parquet(lay.selected_parquet(shard), table.replace_schema_metadata({PLAN_DIGEST_KEY: digest.encode()}))
     return _entry(lay, shard, len(keys), skipped=False)
 
 

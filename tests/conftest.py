@@ -21,8 +21,12 @@ def shared():
 
 
 def curate(*args, check=True, **kw):
-    """Run the CLI in a subprocess, as a user would; return the CompletedProcess."""
+    """Run the CLI in a subprocess, as a user would; return the CompletedProcess. Commands that take a
+    config get ``download.allow_private_addresses=true`` first (tests serve their URL lists on 127.0.0.1;
+    the setting is part of the run folder's fingerprint; a test's own ``--set`` after it wins)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "200"}
+    if args and args[0] not in ("compare",):
+        args = (args[0], "--set", "download.allow_private_addresses=true", *args[1:])
     p = subprocess.run([sys.executable, "-m", "t2i_curate.pipeline.cli", *map(str, args)], capture_output=True,
                        text=True, env=env, cwd=kw.pop("cwd", ROOT), **kw)
     if check and p.returncode != 0:

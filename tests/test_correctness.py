@@ -6,6 +6,7 @@ import tarfile
 import time
 
 import numpy as np
+import pytest
 from conftest import curate
 
 from t2i_curate.pipeline.config import ModelsConfig, load_config, resolve_preset
@@ -86,12 +87,16 @@ def _tiny_arch(tmp_path) -> str:
     return "tinytest-B-32"
 
 
-def test_openai_torchscript_archive_loads_as_local_weights(tmp_path):
-    """OpenAI's own .pt files are TorchScript archives; weights_only=True cannot read them."""
+def test_openai_torchscript_archive_loads_as_local_weights(tmp_path, monkeypatch):
+    """OpenAI's own .pt files are TorchScript archives; weights_only=True cannot read them. Only an
+    archive with OpenAI's published sha256 is loaded (TorchScript can carry code)."""
     import open_clip
     import torch
 
+    from t2i_curate.filters import clip
     from t2i_curate.filters.clip import is_torchscript, load_clip
+    from t2i_curate.pipeline.io import sha256_file
+    from t2i_curate.pipeline.weights import WeightsMismatchError
 
     arch = _tiny_arch(tmp_path)
     torch.manual_seed(0)
@@ -100,7 +105,12 @@ def test_openai_torchscript_archive_loads_as_local_weights(tmp_path):
     path = tmp_path / "tiny-openai.pt"
     torch.jit.trace(model, (img[:1], txt), check_trace=False, strict=False).save(str(path))
     assert is_torchscript(path)
-    bundle = load_clip(f"{arch}/openai", ModelsConfig(preset="real", local_weights={f"{arch}/openai": str(path)}))
+    mcfg = ModelsConfig(preset="real", local_weights={f"{arch}/openai": str(path)})
+    with pytest.raises(WeightsMismatchError, match="not the one OpenAI published"):
+        load_clip(f"{arch}/openai", mcfg)
+    assert clip.openai_sha256("ViT-L-14", "openai").startswith("b8cca3fd")  # from OpenAI's URL
+    monkeypatch.setattr(clip, "openai_sha256", lambda arch, tag: sha256_file(path))  # as if OpenAI's file
+    bundle = load_clip(f"{arch}/openai", mcfg)
     with torch.inference_mode():
         assert torch.allclose(bundle.model.encode_image(img), model.encode_image(img), atol=1e-5)
     assert not bundle.tiny and bundle.name == f"{arch}/openai"
@@ -157,3 +167,78 @@ def test_eval_of_a_real_model_never_uses_the_tiny_scoring_clip():
     assert eval_models(load_config("demo")).preset == "tiny"  # the tiny pipeline
     assert eval_models(load_config("demo", ["eval.model=stable-diffusion-v1-5/stable-diffusion-v1-5"])).preset == "real"
     assert eval_models(load_config("demo", ["eval.model=x/y", "eval.models=tiny"])).preset == "tiny"
+
+
+def _scored_run(tmp_path, scorers: str):
+
+    from t2i_curate.pipeline.score import score_stage
+
+    cfg = load_config("demo", [f"runs_dir={tmp_path}", "name=t", "workers=1", "select.rules=[]",
+                               f"score.scorers={scorers}"])
+    score_stage(cfg, tmp_path / "t", [0])
+    return cfg
+
+
+def test_select_refuses_scores_made_with_other_settings(tmp_path):
+    from test_structure import _fake_download
+
+    from t2i_curate.pipeline.selection import StageOrderError, select_stage
+
+    _fake_download(tmp_path / "t", ["a red square", "a blue square"])
+    _scored_run(tmp_path, "[resolution]")
+    other = load_config("demo", [f"runs_dir={tmp_path}", "name=t", "workers=1", "select.rules=[]",
+                                 "score.scorers=[resolution, aesthetic]"])
+    with pytest.raises(StageOrderError, match="other scorer settings"):
+        select_stage(other, tmp_path / "t")
+
+
+def test_write_rewrites_a_shard_whose_scores_changed(tmp_path):
+    """Same keys selected, other models: the curated shard and its json follow the new scores."""
+    import pyarrow.parquet as pq
+    from test_structure import _fake_download
+
+    from t2i_curate.pipeline.selection import select_stage
+    from t2i_curate.pipeline.write import write_stage
+
+    _fake_download(tmp_path / "t", ["a red square", "a blue square"])
+    for scorers in ("[resolution]", "[resolution, aesthetic]"):
+        cfg = _scored_run(tmp_path, scorers)
+        select_stage(cfg, tmp_path / "t")
+        write_stage(cfg, tmp_path / "t")
+    shard = tmp_path / "t" / "selected" / "00000"
+    assert "aesthetic_score" in pq.read_schema(shard.with_suffix(".parquet")).names
+    with tarfile.open(shard.with_suffix(".tar")) as tf:
+        meta = json.loads(tf.extractfile(next(m for m in tf if m.name.endswith(".json"))).read())
+    assert "aesthetic_score" in meta
+
+
+def test_scoring_without_images_still_records_samples_missing_from_the_tar(tmp_path):
+    """Resolution alone reads no image; a sample the truncated tar lost must still fail, not be written."""
+    import pyarrow.parquet as pq
+    from test_structure import _fake_download
+
+    run = tmp_path / "t"
+    _fake_download(run, ["a red square", "a blue square", "a green square"])
+    tar = run / "download" / "00000.tar"
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf][:2]
+    with tarfile.open(tar, "w") as tf:  # the third sample is gone
+        for m, data in members:
+            tf.addfile(m, io.BytesIO(data))
+    _scored_run(tmp_path, "[resolution]")
+    rows = {r["key"]: r for r in pq.read_table(run / "scores" / "00000.parquet").to_pylist()}
+    assert rows["000000002"]["score_status"] == "failed" and "missing" in rows["000000002"]["score_error"]
+    assert rows["000000000"]["score_status"] == "ok"
+
+
+def test_sampler_remakes_images_made_with_other_settings(tmp_path):
+    import pyarrow.parquet as pq
+
+    from t2i_curate.eval.sampler import sample
+    from t2i_curate.pipeline.config import EvalConfig
+
+    prompts = [{"id": "p0", "category": "general", "prompt": "a red barn"}]
+    for steps in (2, 2, 3):
+        sample(EvalConfig(height=32, width=32, steps=steps, samples_per_prompt=1, batch_size=1), prompts, tmp_path)
+        rows = pq.read_table(tmp_path / "eval_images.parquet").to_pylist()
+        assert [r["steps"] for r in rows] == [steps]

@@ -151,7 +151,7 @@ def test_protocols_differ_on_non_square_images(data):
 
 def test_compare_refuses_across_protocols(tmp_path):
     w = tmp_path / "w.pth"
-    w.write_bytes(b"")
+    torch.save({"x": torch.zeros(2)}, w)  # any plain-tensor file: the label says which weights ran
     specs = {p: feature_spec(EvalConfig(inception_weights=str(w), fid_protocol=p), tiny=False)
              for p in ("torch-fidelity", "clean", "legacy-crop")}
     protos = {p: protocol(s, 10, 10) for p, s in specs.items()}
@@ -181,3 +181,16 @@ def test_clip_score_paper_and_torchmetrics_aggregates():
     assert float(clip_score(img, txt).mean()) == pytest.approx(15.0)  # per-image clamp, then mean (paper)
     assert clip_score_torchmetrics(cos) == pytest.approx(10.0)  # mean, then clamp (torchmetrics)
     assert clip_score_torchmetrics([-0.2, -0.1]) == 0.0
+
+
+def test_inception_weights_are_labelled_by_content_and_pickles_refused(tmp_path):
+    from t2i_curate.pipeline.errors import UserError
+
+    w = tmp_path / "weights-inception-2015-12-05-6726825d.pth"  # the release's name, other content
+    torch.save({"x": torch.zeros(2)}, w)
+    label = feature_spec(EvalConfig(inception_weights=str(w)), tiny=False)["feature"]
+    assert "not the torch-fidelity release" in label and "sha256" in label
+    evil = tmp_path / "evil.pth"
+    torch.save({"f": print}, evil)  # a pickle that needs more than tensors to load
+    with pytest.raises(UserError, match="plain tensors"):
+        feature_spec(EvalConfig(inception_weights=str(evil)), tiny=False)

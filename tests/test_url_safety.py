@@ -139,7 +139,7 @@ def test_file_and_data_urls_end_failed_never_fetched(site):
     tmp, secret, data_url = site
     _CountingHandler.requests = []
     with serve_folder(tmp / "site", handler=_CountingHandler) as base:
-        run = _run(tmp, "allowed", base, secret, data_url)  # the demo preset: allow_private_addresses on
+        run = _run(tmp, "allowed", base, secret, data_url)  # conftest.curate: allow_private_addresses=true
     assert sorted(_CountingHandler.requests) == [f"/img/{i}.jpg" for i in range(4)]
     dec = _decisions(run)
     assert len(dec) == 7
@@ -198,3 +198,16 @@ def test_refused_keys_are_valid_and_never_img2dataset_keys():
         f"SELECT {REFUSED_KEY} FROM (SELECT unnest([0, 7, 123456789, 12345678901]) AS input_row)").fetchall()]
     assert keys[:2] == ["refused-000000000", "refused-000000007"] and keys[3] == "refused-12345678901"
     assert all(KEY_RE.match(k) and not k.isdigit() for k in keys)
+
+
+def test_private_hosts_are_allowed_for_the_builtin_demo_alone():
+    """The demo preset with a user's URL list (`make filter URLS=...`) still refuses private hosts."""
+    from t2i_curate.pipeline.config import load_config
+    from t2i_curate.pipeline.download import guard_settings
+    from t2i_curate.pipeline.urlguard import url_refusal
+
+    meta = "http://169.254.169.254/latest/meta-data"
+    assert url_refusal(meta, guard_settings(load_config("demo"))) is None  # the built-in demo's loopback server
+    assert "private" in url_refusal(meta, guard_settings(load_config("demo", ["input.urls=list.parquet"])))
+    assert url_refusal(meta, guard_settings(load_config("demo", ["input.urls=list.parquet",
+                                                                 "download.allow_private_addresses=true"]))) is None
