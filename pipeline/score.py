@@ -83,11 +83,9 @@ class ShardScorer:
         from t2i_curate.pipeline.tars import IMAGE_EXTS, MISSING, member_keys
 
         present = member_keys(tar_path, IMAGE_EXTS)
-        errors = {r["key"]: MISSING for r in rows if r["key"] not in present}
         bs = self.cfg.batch_size
-        batches = [(rows[i : i + bs], {}, {k: v for k, v in errors.items() if k in {r["key"] for r in rows[i : i + bs]}})
-                   for i in range(0, len(rows), bs)]
-        return iter(batches)
+        return ((b, {}, {r["key"]: MISSING for r in b if r["key"] not in present})
+                for b in (rows[i : i + bs] for i in range(0, len(rows), bs)))
 
     def _score_batch(self, batch_rows, inputs, errors, results, embeddings) -> None:
         import numpy as np

@@ -11,6 +11,7 @@ by each scorer (``filters/``) and each eval model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import urllib.request
@@ -53,9 +54,21 @@ def _how_to_provide(name: str, path: Path) -> str:
             f"score.models.cache_dir / $CURATE_WEIGHTS to where the file lies")
 
 
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def weight_digest(path: Path) -> str:
+    """sha256 of a weight file, hashed once per process while its size and mtime stay the same
+    (preflight, loading and provenance all ask for it)."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
 def verify(path: Path, wf: WeightFile, mcfg: ModelsConfig) -> str:
     """Check ``path`` against the known sha256, or the one pinned at first download."""
-    digest = sha256_file(path)
+    digest = weight_digest(path)
     pinned = wf.sha256
     pin_file = cache_dir(mcfg) / f"{wf.filename}.sha256"
     if pinned is None and pin_file.exists():
