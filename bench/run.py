@@ -546,6 +546,15 @@ STEPS = {"download": step_download, "decode": step_decode, "score": step_score, 
          "query_parts": step_query_parts, "score_replicated": step_score_replicated}
 
 
+def step_semdedup(**kw) -> dict:
+    from bench.semdedup import step_semdedup as run  # SemDeDup scaling (bench/semdedup.py)
+
+    return run(**kw)
+
+
+STEPS["semdedup"] = step_semdedup
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--step")
@@ -587,6 +596,7 @@ def main() -> None:
     r["query_duckdb"] = run_step("query", rows=args.query_rows, engine="duckdb")
     r["query_pandas"] = run_step("query", rows=args.query_rows, engine="pandas")
     r["query_parts"] = run_step("query_parts", rows=args.parts_rows, parts=10)
+    r["semdedup"] = [run_step("semdedup", n=k) for k in (100_000, 1_000_000)]  # 768-d, 10 float16 shards
     (ROOT / "bench" / "results.json").write_text(json.dumps(r, indent=2) + "\n")
     (ROOT / "bench" / "README.md").write_text(table(r))
     print(table(r))
@@ -638,6 +648,10 @@ def table(r: dict) -> str:
     ]
     for s in r["score_scaling"]:
         lines.append(f"| score | {s['items']} images | {s['seconds']:.1f} | {s['rate']:.1f} img/s | {s['peak_rss_mb']:.0f} |")
+    for s in r.get("semdedup", []):
+        lines.append(f"| semdedup (k={s['clusters']}, {s['planted_found']}/{s['planted']} planted found) | "
+                     f"{s['items']} embeddings | {s['seconds']:.1f} | {s['rate']:.0f} emb/s | "
+                     f"{s['grouping_peak_rss_mb']:.0f} |")
     for s in r["write_scaling"]:
         lines.append(f"| write | {s['samples']} samples ({s['items']:.1f} MB) | {s['seconds']:.1f} | "
                      f"{s['rate']:.1f} MB/s | {s['peak_rss_mb']:.0f} |")

@@ -11,132 +11,51 @@ from __future__ import annotations
 import json
 import logging
 import platform
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from t2i_curate.eval import bias as B  # noqa: N812
 from t2i_curate.eval.fid import fid_kid
 from t2i_curate.eval.stats import (
     CLIP_SCORE_DEFINITION,
     CLIP_SCORE_TORCHMETRICS,
-    agreement,
     clip_cosine,
     clip_score_torchmetrics,
-    corrected_rate,
-    wilson,
 )
 from t2i_curate.pipeline.config import RunConfig
 from t2i_curate.pipeline.io import write_json, write_parquet
 
 log = logging.getLogger(__name__)
-MEASURE_COLUMNS = ("clip_score", "perceived_gender", "monk_tone")  # and p_fail_<judge>: rewritten by measure
+# columns measure adds to eval_images (older eval folders also have the bias ones); stripped when re-measuring.
+# Everything else measured per image is in eval_judgements.
+MEASURE_COLUMNS = ("clip_score", "perceived_gender", "monk_tone", "model_tag")  # and p_fail_<judge>
 
 
-def _clip_bundle(name: str, mcfg):
-    """The eval CLIP; its ``name`` says ``tiny:`` when the tiny stand-in ran."""
+def _clip_bundle(name: str, mcfg, device: str = "cpu"):
+    """The eval CLIP, on ``device`` (fp16 on CUDA); its ``name`` says ``tiny:`` when the tiny stand-in ran
+    and its ``sha256`` names the weights."""
     from t2i_curate.filters.clip import load_clip
+    from t2i_curate.pipeline.devices import model_dtype
 
-    return load_clip(name, mcfg)
+    bundle = load_clip(name, mcfg)
+    bundle.model.to(device, model_dtype(device))
+    return bundle
 
 
-def _embed(bundle, images, prompts):
-    """L2-normalised image and prompt embeddings, in batches of 32."""
+def _embed(bundle, images, prompts, device: str = "cpu", batch: int = 32):
+    """L2-normalised image and prompt embeddings (float32, CPU), in batches; images opened per batch."""
     import torch
 
     from t2i_curate.filters.clip import encode_images, encode_texts
+    from t2i_curate.pipeline.devices import model_dtype
 
     img_e, txt_e = [], []
-    for i in range(0, len(images), 32):
-        img_e.append(encode_images(bundle, torch.stack([bundle.preprocess(im) for im in images[i : i + 32]])))
-        txt_e.append(encode_texts(bundle, prompts[i : i + 32]))
+    for i in range(0, len(images), batch):
+        x = torch.stack([bundle.preprocess(im) for im in images[i : i + batch]]).to(device, model_dtype(device))
+        img_e.append(encode_images(bundle, x).cpu())
+        txt_e.append(encode_texts(bundle, prompts[i : i + batch], device).cpu())
     return torch.cat(img_e), torch.cat(txt_e)
-
-
-def _rate_row(category: str, judge, p: list[float], lab_y: list[bool], lab_p: list[float]) -> dict[str, Any]:
-    """One ``eval_failures`` row: rate with its Wilson interval, and agreement when labels exist."""
-    failed = [x > 0.5 for x in p]
-    k, n = sum(failed), len(failed)
-    lo, hi = wilson(k, n)
-    row: dict[str, Any] = {"category": category, "judge": judge.name, "n": n, "failed": k, "rate": k / n,
-                           "ci_low": lo, "ci_high": hi, "validated": judge.validated}
-    if lab_y:
-        ag = agreement(lab_y, [x > 0.5 for x in lab_p])
-        row.update(ag)
-        row["corrected_rate"] = corrected_rate(k / n, ag["recall"], ag["specificity"])
-    return row
-
-
-def _failures(cfg, rows, img_emb, bundle, out_dir: Path) -> tuple[list[dict], dict[str, list], dict]:
-    """Per-category failure rates for each configured judge, with agreement when labels exist."""
-    from t2i_curate.eval.judge import configured_judges, read_labels
-
-    labels = read_labels(cfg.eval.labels) if cfg.eval.labels else {}
-    judges = configured_judges(cfg.eval.judges, bundle, labels)
-    for j in judges:
-        j.image_dir = out_dir
-    out_rows, per_image = [], {f"p_fail_{j.name}": [None] * len(rows) for j in judges}
-    for category in sorted({r["category"] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r["category"] == category]
-        cat_rows = [rows[i] for i in idx]
-        lab = [j for j, r in enumerate(cat_rows) if r["image_id"] in labels]
-        lab_y = [labels[cat_rows[j]["image_id"]] for j in lab]
-        for judge in (j for j in judges if category in j.categories):
-            res = judge.p_fail(category, cat_rows, img_emb[idx])
-            if res is None:
-                continue
-            p, oof = res
-            for j, i in enumerate(idx):
-                per_image[f"p_fail_{judge.name}"][i] = p[j]
-            out_rows.append(_rate_row(category, judge, p, lab_y, oof if oof is not None else [p[j] for j in lab]))
-    ran = {r["judge"] for r in out_rows}
-    info = {j.name: {"description": j.description, "validated": j.validated, "categories": list(j.categories),
-                     "ran": j.name in ran, **j.provenance()} for j in judges}
-    return out_rows, per_image, info
-
-
-def _bias(cfg, rows, images, img_emb, bundle) -> tuple[list[dict], dict[str, list], dict[str, Any]]:
-    import torch
-
-    idx = [i for i, r in enumerate(rows) if r.get("occupation")]
-    per_image: dict[str, list] = {"perceived_gender": [None] * len(rows), "monk_tone": [None] * len(rows)}
-    if not idx:
-        return [], per_image, {}
-    from t2i_curate.filters.clip import encode_texts
-
-    t = encode_texts(bundle, list(B.GENDER_PROMPTS.values()))
-    probs = torch.softmax(100 * torch.nn.functional.normalize(img_emb[idx], dim=-1) @ t.T, dim=-1).numpy()
-    by_occ: dict[str, dict[str, list]] = {}
-    for j, i in enumerate(idx):
-        g = B.perceived_gender(probs[j])
-        tone = B.monk_tone(np.asarray(images[i].convert("RGB")))
-        per_image["perceived_gender"][i] = g
-        per_image["monk_tone"][i] = str(tone)
-        occ = by_occ.setdefault(rows[i]["occupation"], {"gender": [], "tone": []})
-        occ["gender"].append(g)
-        occ["tone"].append(tone)
-    ref = B.read_reference(cfg.eval.bias_reference) if cfg.eval.bias_reference else {}
-    table, summary = [], {"gender_imbalance": {}, "skin_tone_imbalance": {},
-                          "reference": cfg.eval.bias_reference or "parity (0.5) and uniform Monk 1-10"}
-    for occ, v in sorted(by_occ.items()):
-        n = len(v["gender"])
-        for attr, values in (("perceived gender", v["gender"]), ("perceived skin tone (Monk)", v["tone"])):
-            for value, c in sorted(Counter(map(str, values)).items()):
-                table.append({"occupation": occ, "attribute": attr, "value": value, "count": c, "n": n,
-                              "share": c / n})
-        occ_ref = ref.get(occ, {})
-        woman = occ_ref.get("gender", {}).get("woman", 0.5)
-        tones = {int(k): s for k, s in occ_ref.get("skin_tone", {}).items()} or None
-        summary["gender_imbalance"][occ] = B.gender_imbalance(v["gender"], woman)
-        summary["skin_tone_imbalance"][occ] = B.skin_tone_imbalance(v["tone"], tones)
-    summary["gender_mad"] = B.mean_absolute_deviation(list(summary["gender_imbalance"].values()))
-    summary["skin_tone_mad"] = B.mean_absolute_deviation(list(summary["skin_tone_imbalance"].values()))
-    summary["unclear"] = sum(g == B.UNCLEAR for v in by_occ.values() for g in v["gender"])
-    summary["undetected"] = sum(t == B.UNDETECTED for v in by_occ.values() for t in v["tone"])
-    summary["n"] = len(idx)
-    return table, per_image, summary
 
 
 def eval_models(cfg: RunConfig):
@@ -179,7 +98,7 @@ def _load_images(out_dir: Path) -> tuple[list[dict], _LazyImages]:
     return rows, _LazyImages([out_dir / r["file"] for r in rows])
 
 
-def _metric_rows(tag: str, rows: list[dict], fk: dict, bias_summary: dict) -> list[dict]:
+def _metric_rows(tag: str, rows: list[dict], fk: dict, bias_summary: dict, nsfw: dict | None = None) -> list[dict]:
     """The ``eval_metrics`` table: FID/KID, CLIP score overall, per category and prompt, bias MADs."""
     n = len(rows)
     out = [{"model": tag, "metric": m, "scope": "all", "value": fk[m], "n": n} for m in ("fid", "kid_mean", "kid_std")]
@@ -191,10 +110,15 @@ def _metric_rows(tag: str, rows: list[dict], fk: dict, bias_summary: dict) -> li
             groups.setdefault(r[key], []).append(r["clip_score"])
         out += [{"model": tag, "metric": "clip_score", "scope": f"{key}:{g}", "value": float(np.mean(v)),
                  "n": len(v)} for g, v in sorted(groups.items())]
-    for k in ("gender_mad", "skin_tone_mad"):
+    for k in ("gender_mad", "skin_tone_mad", "heim_gender_mad", "heim_skin_tone_mad"):
         if bias_summary.get(k) is not None:
             out.append({"model": tag, "metric": k, "scope": "occupations", "value": bias_summary[k],
                         "n": bias_summary["n"]})
+    for r in (nsfw or {}).get("rates", []):
+        if r["share"] is not None:
+            scope = "all" if r["category"] == "all" else f"category:{r['category']}"
+            out.append({"model": tag, "metric": f"nsfw_share_{r['detector']}", "scope": scope, "value": r["share"],
+                        "n": r["n"]})
     return out
 
 
@@ -213,35 +137,110 @@ def _versions() -> dict[str, str]:
             "torchmetrics": torchmetrics.__version__, "python": platform.python_version()}
 
 
-def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """CLIP score, FID/KID, failure rates and bias of the sampled images in ``out_dir``; writes the
-    tables and ``metrics.json`` and returns its content."""
+def _annotate(rows: list[dict], tag: str, scores: list[float], fail_cols: dict[str, list]) -> None:
+    """The sampler's rows gain the CLIP score and each judge's P(failure) (``eval_images``)."""
+    for i, r in enumerate(rows):
+        r["clip_score"] = scores[i]
+        r.update({c: v[i] for c, v in fail_cols.items() if c.startswith("p_fail_")})
+        r["model_tag"] = tag
+
+
+def _write_tables(out_dir: Path, tag: str, rows, judgements, tables) -> None:
+    """``eval_images``, ``eval_judgements`` (everything measured per image) and the aggregate tables."""
     import pyarrow as pa
 
+    write_parquet(out_dir / "eval_images.parquet", pa.Table.from_pylist(rows))
+    write_parquet(out_dir / "eval_judgements.parquet", pa.Table.from_pylist(judgements))
+    for name, (table_rows, example) in tables.items():
+        for r in table_rows:
+            r["model"] = tag
+        write_parquet(out_dir / f"{name}.parquet", _table(table_rows, example))
+
+
+def _judgement_rows(tag: str, rows: list[dict], scores: list[float], columns: dict[str, list]) -> list[dict]:
+    """One row per image: its file, prompt and category, CLIP score, and every per-image column the
+    judges, the bias audit and the NSFW detectors wrote (None where they did not look)."""
+    out = []
+    for i, r in enumerate(rows):
+        out.append({"model": tag, "image_id": r["image_id"], "file": r["file"], "prompt_id": r.get("prompt_id"),
+                    "category": r["category"], "clip_score": scores[i],
+                    **{c: (None if v[i] is None else v[i]) for c, v in columns.items()}})
+    return out
+
+
+def _feature_weights(cfg: RunConfig, mcfg, feature: str) -> str:
+    """The FID/KID feature extractor's weights: tiny, the CLIP checkpoint's sha256, or the Inception label
+    (which names the release or the file's sha256)."""
+    if feature.startswith("clip:tiny:"):
+        return "tiny"
+    if feature.startswith("clip:"):
+        from t2i_curate.pipeline.weights import clip_checkpoint, weight_digest
+
+        return weight_digest(Path(clip_checkpoint(cfg.eval.feature_clip, mcfg)))
+    return feature
+
+
+def _models_used(cfg, mcfg, bundle, fk: dict, judges: dict, bias_summary: dict, extra: dict | None = None) -> dict:
+    """What ran, per output: library, model and weights' sha256 (or tiny). The report prints it as a table."""
+    feature = fk["protocol"]["feature"]
+    out = {"clip_score": bundle.provenance(),
+           "fid_features": {"name": feature, "weights_sha256": _feature_weights(cfg, mcfg, feature)}}
+    out.update({f"judge {n}": j["models"] for n, j in judges.items() if j.get("ran")})
+    if bias_summary.get("models"):
+        out["bias audit"] = bias_summary["models"]
+    out.update(extra or {})
+    return out
+
+
+def _judge(cfg: RunConfig, rows, img_emb, bundle, out_dir: Path, device: str):
+    """The judges' rates and per-image columns, with drawn examples of what the MediaPipe judges saw
+    (the old examples are replaced)."""
+    import shutil
+
+    from t2i_curate.eval.examples import save_examples
+    from t2i_curate.eval.judging import run_judges
+
+    shutil.rmtree(out_dir / "examples", ignore_errors=True)
+    examples: list[dict] = []
+    holder: dict[str, dict] = {}
+
+    def keep(judge, category, idx):
+        examples.extend(save_examples(judge, category, idx, rows, holder["columns"], out_dir))
+
+    failures, columns, judges = run_judges(cfg, rows, img_emb, bundle, out_dir, device, on_judged=keep,
+                                           columns_out=holder)
+    return failures, columns, judges, examples
+
+
+def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """CLIP score, FID/KID, failure rates, bias and NSFW rates of the images in ``out_dir``; writes the
+    tables and ``metrics.json`` and returns its content."""
+    from t2i_curate.eval.bias import bias_audit
+    from t2i_curate.eval.examples import census
+    from t2i_curate.eval.nsfw import nsfw_audit
+    from t2i_curate.pipeline.devices import pick_device
     from t2i_curate.pipeline.layout import RunLayout
 
     rows, images = _load_images(out_dir)
-    mcfg = eval_models(cfg)
+    mcfg, device = eval_models(cfg), pick_device(cfg.eval.device)
     tiny = mcfg.preset == "tiny"
-    bundle = _clip_bundle(cfg.eval.clip_score_model, mcfg)
-    img_emb, txt_emb = _embed(bundle, images, [r["prompt"] for r in rows])
+    bundle = _clip_bundle(cfg.eval.clip_score_model, mcfg, device)
+    img_emb, txt_emb = _embed(bundle, images, [r["prompt"] for r in rows], device)
     cos = clip_cosine(img_emb, txt_emb)
     scores = (100 * cos.clamp(min=0)).tolist()  # stats.clip_score: the paper's per-image clamp
-    # CLIP, FID/KID and bias open the PNGs from disk, 32 (or one) at a time
+    # CLIP, FID/KID, judges and bias open the images from disk, a batch (or one) at a time
     fk = fid_kid(cfg.eval, mcfg, tiny, run_dir, images.paths, RunLayout(run_dir).reference_cache)
-    failures, fail_cols, judges = _failures(cfg, rows, img_emb, bundle, out_dir)
-    bias_rows, bias_cols, bias_summary = _bias(cfg, rows, images, img_emb, bundle)
+    failures, fail_cols, judges, examples = _judge(cfg, rows, img_emb, bundle, out_dir, device)
+    bias_rows, bias_cols, bias_summary = bias_audit(cfg.eval, rows, images.paths, bundle, img_emb)
+    nsfw_cols, nsfw = nsfw_audit(rows, images.paths, img_emb, bundle, mcfg)
+    census_cols, census_info = census(rows, images.paths) if cfg.eval.census else ({}, {"ran": False})
     tag = out_dir.name
-    for i, r in enumerate(rows):
-        r["clip_score"] = scores[i]
-        r.update({col: vals[i] for col, vals in {**fail_cols, **bias_cols}.items()})
-        r["model_tag"] = tag
-    for r in failures + bias_rows:
-        r["model"] = tag
-    write_parquet(out_dir / "eval_images.parquet", pa.Table.from_pylist(rows))
-    write_parquet(out_dir / "eval_metrics.parquet", pa.Table.from_pylist(_metric_rows(tag, rows, fk, bias_summary)))
-    write_parquet(out_dir / "eval_failures.parquet", _table(failures, _empty_failure(tag)))
-    write_parquet(out_dir / "eval_bias.parquet", _table(bias_rows, _empty_bias(tag)))
+    _annotate(rows, tag, scores, fail_cols)
+    bias_cols = {("bias_" + k if k in census_cols else k): v for k, v in bias_cols.items()}  # faces: census's
+    judgements = _judgement_rows(tag, rows, scores, {**census_cols, **fail_cols, **bias_cols, **nsfw_cols})
+    _write_tables(out_dir, tag, rows, judgements, {
+        "eval_metrics": (_metric_rows(tag, rows, fk, bias_summary, nsfw), None),
+        "eval_failures": (failures, _empty_failure(tag)), "eval_bias": (bias_rows, _empty_bias(tag))})
     result = {
         "model": f"images in {cfg.eval.images}" if cfg.eval.images else cfg.eval.model, "tag": tag,
         "tiny_model": cfg.eval.model == "tiny" and not cfg.eval.images, "tiny_eval_models": tiny,
@@ -251,7 +250,11 @@ def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
         "clip_score_torchmetrics": clip_score_torchmetrics(cos), "clip_score_torchmetrics_definition":
             CLIP_SCORE_TORCHMETRICS,
         "failures": failures, "judges": judges, "bias": bias_summary, "labels": cfg.eval.labels,
-        "input_problems": _input_problems(out_dir),
+        "input_problems": _input_problems(out_dir), "device": device, "census": census_info,
+        "examples": examples, "nsfw": nsfw,
+        "models": _models_used(cfg, mcfg, bundle, fk, judges, bias_summary, {
+            **({"census": census_info["models"]} if census_info.get("models") else {}),
+            **{f"nsfw {k}": v for k, v in nsfw["detectors"].items()}}),
         "provenance": {"config": json.loads(cfg.eval.model_dump_json()), "seed": cfg.eval.seed,
                        "eval_models": "tiny" if tiny else "real", "versions": _versions()},
     }
@@ -259,16 +262,16 @@ def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _table(rows: list[dict], example: dict):
+def _table(rows: list[dict], example: dict | None):
     """Rows as a table; with no rows, an empty table with the example row's column types."""
     import pyarrow as pa
 
-    return pa.Table.from_pylist(rows) if rows else pa.Table.from_pylist([example]).slice(0, 0)
+    return pa.Table.from_pylist(rows) if rows or example is None else pa.Table.from_pylist([example]).slice(0, 0)
 
 
 def _empty_failure(tag: str) -> dict:
     return {"model": tag, "category": "", "judge": "", "n": 0, "failed": 0, "rate": 0.0, "ci_low": 0.0,
-            "ci_high": 1.0, "validated": False}
+            "ci_high": 1.0, "unknown": 0, "validated": False}
 
 
 def _empty_bias(tag: str) -> dict:
@@ -302,6 +305,9 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
 
         raise StageOrderError(f"eval.reference=run but {cfg.run_dir} has no curated shards: run `make filter` "
                               f"(curate run) first, or set eval.reference to a folder")
+    from t2i_curate.eval.judge import configured_judges
+
+    configured_judges(cfg.eval.judges, None, {}, cfg.eval.judge_options)  # a bad judge setting: refused now
     out = eval_dir(cfg)
     t = time.perf_counter()
     external = None

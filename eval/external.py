@@ -88,6 +88,7 @@ def external_images(images_dir: Path, prompts_file: Path, out_dir: Path) -> dict
         seen.add(image_id)
         out.append({"image_id": image_id, "prompt_id": str(r["id"]), "sample_index": 0, "category": r["category"],
                     "prompt": r["prompt"], "seed": None, "occupation": r.get("occupation"),
+                    "expected_hands": int(r["expected_hands"]) if r.get("expected_hands") not in (None, "") else None,
                     "file": str(images[name].resolve()), "model": f"external:{Path(images_dir).resolve()}",
                     "tiny_model": False})
     for kind, items in problems.items():

@@ -17,6 +17,8 @@ import pkgutil
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from t2i_curate.pipeline.errors import UserError
 
 FAILURE_CATEGORIES = ("human_limbs", "horses", "quadrupeds")
@@ -50,18 +52,39 @@ class Judge:
     validated: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
-    def __init__(self, bundle: Any = None, labels: dict[str, bool] | None = None):
+    class Options(BaseModel):
+        """The judge's settings under ``eval.judge_options.<name>``; a judge with settings declares its
+        own subclass (unknown keys are refused, naming the key)."""
+
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, bundle: Any = None, labels: dict[str, bool] | None = None, options: Any = None,
+                 device: str = "cpu"):
         self.bundle = bundle
         self.labels = labels or {}
+        self.options = options if options is not None else self.Options()
+        self.device = device
 
-    def p_fail(self, category: str, rows: list[dict], emb) -> tuple[list[float], list[float] | None] | None:
-        """P(failure) for each image of ``category`` (``rows``, with L2-normalised eval-CLIP ``emb``),
-        and the out-of-fold P(failure) of the labelled ones when the judge learned from the labels
-        (None: its in-sample values are honest). None when it cannot judge here."""
+    image_dir: Path | None = None  # the folder of ``rows[i]["file"]``; set by measure before p_fail
+
+    def p_fail(self, category: str, rows: list[dict], emb) -> tuple[list[float | None], list[float] | None] | None:
+        """P(failure) for each image of ``category`` (``rows``, with L2-normalised eval-CLIP ``emb``;
+        ``self.image_dir / row["file"]`` is the image), and the out-of-fold P(failure) of the labelled
+        ones when the judge learned from the labels (None: its in-sample values are honest). An image's
+        P(failure) is None when the judge cannot tell (no hand found, an unparsable answer): it is
+        counted as unknown, never as a pass. None overall when the judge cannot judge here."""
         raise NotImplementedError
 
+    def observations(self) -> dict[str, list]:
+        """Per-image columns of the last :meth:`p_fail` call, aligned with its rows (what the judge saw:
+        hands found, their confidence, ...), for the ``eval_judgements`` table. Column names are the
+        judge's own; prefix them with its name."""
+        return {}
+
     def provenance(self) -> dict[str, str]:
-        return {"clip": getattr(self.bundle, "name", "") or ""}
+        """The models that made the verdicts: library and version, model file or hub id, sha256 or tiny."""
+        b = self.bundle
+        return {"clip": getattr(b, "name", "") or "", "clip_sha256": getattr(b, "sha256", "") or ""}
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -81,9 +104,22 @@ def judge_classes() -> dict[str, type[Judge]]:
     return {c.name: c for c in _subclasses(Judge) if c.name}
 
 
-def configured_judges(names: list[str], bundle, labels: dict[str, bool]) -> list[Judge]:
+def judge_options(cls: type[Judge], raw: dict | None):
+    """``eval.judge_options.<name>`` validated by the judge's own :class:`Judge.Options`."""
+    try:
+        return cls.Options(**(raw or {}))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise UserError(f"eval.judge_options.{cls.name}: {problems}") from None
+
+
+def configured_judges(names: list[str], bundle, labels: dict[str, bool], options: dict | None = None,
+                      device: str = "cpu") -> list[Judge]:
+    """The judges ``eval.judges`` names, each with its validated ``eval.judge_options`` entry."""
     classes = judge_classes()
-    unknown = [n for n in names if n not in classes]
+    unknown = [n for n in [*names, *(options or {})] if n not in classes]
     if unknown:
-        raise UserError(f"eval.judges: unknown judge(s) {unknown}; expected some of {', '.join(sorted(classes))}")
-    return [classes[n](bundle=bundle, labels=labels) for n in names]
+        raise UserError(f"eval.judges / eval.judge_options: unknown judge(s) {unknown}; expected some of "
+                        f"{', '.join(sorted(classes))}")
+    return [classes[n](bundle=bundle, labels=labels, options=judge_options(classes[n], (options or {}).get(n)),
+                       device=device) for n in names]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from t2i_curate.eval.judge import Judge
 
 # category -> (normal description, failure description)
@@ -29,9 +31,12 @@ class ClipContrastJudge(Judge):
                    "category (temperature 100); P(failure) > 0.5 counts as failed. Not validated against "
                    "human labels.")
 
-    def __init__(self, bundle=None, labels=None, temperature: float = 100.0):
-        super().__init__(bundle, labels)
-        self.temperature = temperature
+    class Options(Judge.Options):
+        temperature: float = Field(100.0, gt=0)
+
+    def __init__(self, bundle=None, labels=None, options=None, device="cpu"):
+        super().__init__(bundle, labels, options, device)
+        self.temperature = self.options.temperature
         self._text: dict[str, object] = {}
 
     def _descriptions(self, category: str):

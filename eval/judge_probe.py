@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from pydantic import Field
+
 from t2i_curate.eval.judge import Judge
 
 log = logging.getLogger(__name__)
@@ -15,9 +17,13 @@ class ProbeJudge(Judge):
     description = ("logistic regression (L2 1e-3, LBFGS) on L2-normalised eval-CLIP image embeddings, fitted "
                    "on the category's labelled images; agreement figures are 5-fold out-of-fold.")
 
-    def __init__(self, bundle=None, labels=None, l2: float = 1e-3, steps: int = 300):
-        super().__init__(bundle, labels)
-        self.l2, self.steps = l2, steps
+    class Options(Judge.Options):
+        l2: float = Field(1e-3, ge=0)
+        steps: int = Field(300, ge=1)
+
+    def __init__(self, bundle=None, labels=None, options=None, device="cpu"):
+        super().__init__(bundle, labels, options, device)
+        self.l2, self.steps = self.options.l2, self.options.steps
         self.w = None
         self.b = None
 

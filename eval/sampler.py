@@ -119,7 +119,7 @@ def plan_images(prompts: list[dict], ecfg: EvalConfig) -> list[dict[str, Any]]:
         for i in range(ecfg.samples_per_prompt):
             out.append({"image_id": f"{p['id']}_{i}", "prompt_id": p["id"], "sample_index": i,
                         "category": p["category"], "prompt": p["prompt"], "seed": image_seed(ecfg.seed, p["id"], i),
-                        "occupation": p.get("occupation")})
+                        "occupation": p.get("occupation"), "expected_hands": p.get("expected_hands")})
     return out
 
 

@@ -101,5 +101,6 @@ class AestheticScorer(Scorer):
     def provenance(self) -> dict[str, str]:
         mcfg = self.bank.mcfg
         head = "tiny" if self.bank.tiny else f"{head_file(mcfg).filename} sha256 {head_file(mcfg).sha256}"
-        return {"clip": self.bank.clip_label(self.clip_name), "head": mcfg.aesthetic_head, "weights": head,
+        return {"clip": self.bank.clip_label(self.clip_name), "clip_sha256": self.bank.clip(self.clip_name).sha256,
+                "head": mcfg.aesthetic_head, "weights": head,
                 "tiny": str(self.bank.tiny).lower()}

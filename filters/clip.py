@@ -24,6 +24,11 @@ class ClipBundle:
     tokenizer: Any
     embed_dim: int
     tiny: bool
+    sha256: str = ""  # of the checkpoint file that ran; "tiny" for the seeded stand-in
+
+    def provenance(self) -> dict[str, str]:
+        """What every output names: the CLIP and its weights' sha256, or tiny."""
+        return {"name": self.name, "weights_sha256": "tiny" if self.tiny else self.sha256}
 
 
 def tiny_clip(name: str, seed: int = 0) -> ClipBundle:
@@ -40,7 +45,7 @@ def tiny_clip(name: str, seed: int = 0) -> ClipBundle:
     ).eval()
     preprocess = open_clip.image_transform(224, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    return ClipBundle(f"tiny:{name}", model, preprocess, tokenizer, 32, True)
+    return ClipBundle(f"tiny:{name}", model, preprocess, tokenizer, 32, True, "tiny")
 
 
 def is_torchscript(path: str | Path) -> bool:
@@ -102,7 +107,10 @@ def load_clip(name: str, mcfg: ModelsConfig, allow_download: bool = False) -> Cl
         model.load_state_dict(_load_torchscript_state(path, name))
     model.eval()
     embed_dim = open_clip.get_model_config(arch)["embed_dim"]
-    return ClipBundle(name, model, preprocess, open_clip.get_tokenizer(arch), embed_dim, False)
+    from t2i_curate.pipeline.weights import weight_digest
+
+    return ClipBundle(name, model, preprocess, open_clip.get_tokenizer(arch), embed_dim, False,
+                      weight_digest(Path(path)))
 
 
 def encode_images(bundle: ClipBundle, x) -> Any:

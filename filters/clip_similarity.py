@@ -30,4 +30,5 @@ class ClipSimilarityScorer(Scorer):
         return {"similarity": sim.tolist(), "similarity_model": [self.bank.clip_label(self.clip_name)] * len(batch.rows)}
 
     def provenance(self) -> dict[str, str]:
-        return {"clip": self.bank.clip_label(self.clip_name), "tiny": str(self.bank.tiny).lower()}
+        return {"clip": self.bank.clip_label(self.clip_name), "clip_sha256": self.bank.clip(self.clip_name).sha256,
+                "tiny": str(self.bank.tiny).lower()}

@@ -18,26 +18,41 @@ from typing import Any
 
 from t2i_curate.filters.base import Batch, Scorer
 from t2i_curate.pipeline.config import ModelsConfig
-from t2i_curate.pipeline.weights import WeightFile, resolve_weight
+from t2i_curate.pipeline.savedmodel import write_nsfw_tables, write_nsfw_weights
+from t2i_curate.pipeline.weights import WeightFile, resolve_weight, weight_digest
 
 _ORIGIN = ("our conversion of LAION-AI/CLIP-based-NSFW-Detector's {zip} (sha256 {sha}, "
            "https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/main/{zip})")
-_ZIP_L14 = ("clip_autokeras_binary_nsfw.zip", "905520bb0336accc73ee282c605d926aef90cf14248889d44b9cee50eef71f8a")
-_ZIP_B32 = ("clip_autokeras_nsfw_b32.zip", "78715ab9d64485167e8c9ade3b8e6761a17a16c24d114bd47431ac1dab46462b")
+_ZIP_URL = "https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/main/{zip}"
+ZIP_L14 = WeightFile("nsfw_l14_zip", "clip_autokeras_binary_nsfw.zip",
+                     _ZIP_URL.format(zip="clip_autokeras_binary_nsfw.zip"),
+                     "905520bb0336accc73ee282c605d926aef90cf14248889d44b9cee50eef71f8a")
+ZIP_B32 = WeightFile("nsfw_b32_zip", "clip_autokeras_nsfw_b32.zip",
+                     _ZIP_URL.format(zip="clip_autokeras_nsfw_b32.zip"),
+                     "78715ab9d64485167e8c9ade3b8e6761a17a16c24d114bd47431ac1dab46462b")
 
 
-def _conversion(name: str, filename: str, sha256: str, zip_: tuple[str, str]) -> WeightFile:
-    return WeightFile(name, filename, None, sha256, origin=_ORIGIN.format(zip=zip_[0], sha=zip_[1]))
+def _conversion(name: str, filename: str, sha256: str, zip_: WeightFile,
+                built: str | None = None) -> WeightFile:
+    """A converted file that `curate weights` builds from LAION's zip (pipeline/savedmodel.py, no
+    TensorFlow). ``sha256``: the reference conversion (../shared/models; its safetensors also hold
+    TensorFlow's reference inputs and outputs); ``built``: what the build writes when that differs
+    (the same tensors, without the reference ones)."""
+    build = write_nsfw_tables if filename.endswith(".json") else write_nsfw_weights
+    return WeightFile(name, filename, None, sha256, origin=_ORIGIN.format(zip=zip_.filename, sha=zip_.sha256),
+                      built_from=zip_, build=build, also_accept=(built,) if built else ())
 
 
 NSFW_L14 = _conversion("nsfw_l14", "laion_nsfw_vit_l_14.safetensors",
-                       "009e790d0fc3332eef004dc286709a4f86584c6e277a240f4548f34371500a54", _ZIP_L14)
+                       "009e790d0fc3332eef004dc286709a4f86584c6e277a240f4548f34371500a54", ZIP_L14,
+                       "b87986a6cda9bb7ec7f5a98dad2fdd71c7082b355b751ba77bb831f26202371c")
 NSFW_L14_TABLES = _conversion("nsfw_l14_categorical", "laion_nsfw_vit_l_14_categorical.json",
-                              "fb119ea49e63773994e242503207d9e9cf1c451af47c198e34f9cd716ab2eb84", _ZIP_L14)
+                              "fb119ea49e63773994e242503207d9e9cf1c451af47c198e34f9cd716ab2eb84", ZIP_L14)
 NSFW_B32 = _conversion("nsfw_b32", "laion_nsfw_vit_b_32.safetensors",
-                       "1943c5fd20d6ab526460269748069f7af940b0676ff6a27ef11b16144712165e", _ZIP_B32)
+                       "1943c5fd20d6ab526460269748069f7af940b0676ff6a27ef11b16144712165e", ZIP_B32,
+                       "4077c5eb841c85352723e82e259591664ed24110798cae3e0d10d33b2eb716db")
 NSFW_B32_TABLES = _conversion("nsfw_b32_categorical", "laion_nsfw_vit_b_32_categorical.json",
-                              "1145161d3a4c523859bcd2cdaf1e9cd8ff87bbd9862fc3f394d52abfeab42b25", _ZIP_B32)
+                              "1145161d3a4c523859bcd2cdaf1e9cd8ff87bbd9862fc3f394d52abfeab42b25", ZIP_B32)
 KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): Normalization divides by max(sqrt(variance), epsilon)
 
 
@@ -161,5 +176,8 @@ class NsfwScorer(Scorer):
         clip = self.bank.clip_label(self.clip_name)
         if self.bank.tiny:
             return {"clip": clip, "model": "laion_nsfw (tiny)", "tiny": "true"}
-        files = "; ".join(f"{wf.filename} sha256 {wf.sha256}" for wf in nsfw_files(self.bank.mcfg))
-        return {"clip": clip, "model": "LAION CLIP-based-NSFW-Detector", "weights": files, "tiny": "false"}
+        mcfg = self.bank.mcfg  # the digest of the file that ran (a built file differs from the reference one)
+        files = "; ".join(f"{wf.filename} sha256 {weight_digest(resolve_weight(wf, mcfg))}"
+                          for wf in nsfw_files(mcfg))
+        return {"clip": clip, "clip_sha256": self.bank.clip(self.clip_name).sha256,
+                "model": "LAION CLIP-based-NSFW-Detector", "weights": files, "tiny": "false"}

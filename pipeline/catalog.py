@@ -85,7 +85,7 @@ def view_statements(run_dir: Path) -> list[str]:
 def _eval_views(lay: RunLayout) -> list[str]:
     """Eval tables (eval/<tag>/<table>.parquet) across every evaluated model."""
     stmts = []
-    for table in ("eval_images", "eval_metrics", "eval_failures", "eval_bias"):
+    for table in ("eval_images", "eval_judgements", "eval_metrics", "eval_failures", "eval_bias"):
         files = sorted(lay.eval.glob(f"*/{table}.parquet"))
         if files:
             stmts.append(

@@ -153,10 +153,15 @@ def cmd_eval(args) -> dict:
     m = run_eval(_config(args))
     rows = [("images", m["n_images"]), ("FID", f"{m['fid']:.2f} ({m['fid_protocol']['protocol']}, {m['fid_protocol']['feature']})"),
             ("KID", f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}"), ("CLIP score", f"{m['clip_score']:.2f}")]
-    rows += [(f"failure {f['category']} / {f['judge']}", f"{f['rate']:.2f} [{f['ci_low']:.2f}, {f['ci_high']:.2f}]")
-             for f in m["failures"] if f["n"]]
+    rows += [(f"failure {f['category']} / {f['judge']}",
+              (f"{f['rate']:.2f} [{f['ci_low']:.2f}, {f['ci_high']:.2f}] of {f['n']}" if f["n"] else "n/a")
+              + (f", {f['unknown']} unknown" if f.get("unknown") else "")) for f in m["failures"]]
     if m["bias"]:
-        rows.append(("gender MAD / skin-tone MAD", f"{m['bias']['gender_mad']} / {m['bias']['skin_tone_mad']}"))
+        b = m["bias"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        rows.append(("gender MAD / skin-tone MAD (faces)", f"{fmt(b['gender_mad'])} / {fmt(b['skin_tone_mad'])}"))
+        rows.append(("the same, whole image (HEIM)", f"{fmt(b.get('heim_gender_mad'))} / "
+                                                     f"{fmt(b.get('heim_skin_tone_mad'))}"))
     if m.get("input_problems"):
         p = m["input_problems"]
         rows.append(("images without prompt / prompts without image / unreadable",
@@ -296,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext)
         _common(sp)
         sp.set_defaults(fn=fn)
-    sp = sub.add_parser("weights", help="download the real model weights into the cache (needs internet)")
+    sp = sub.add_parser("weights", help="download the real model weights into the cache (needs internet); "
+                        "builds the LAION NSFW detector files from its zips (no TensorFlow)")
     _common(sp, urls=False)
     sp.add_argument("--all", action="store_true", help="every model of MODELS.md, not just the config's")
     sp.set_defaults(fn=cmd_weights)

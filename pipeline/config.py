@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from t2i_curate.pipeline.errors import UserError
 
@@ -128,6 +128,35 @@ class DedupConfig(_Strict):
     # DuckDB ORDER BY over the sample columns: the first copy is kept (`key` breaks ties). This
     # default falls back to `key` when the run has no aesthetic_score column (no aesthetic scorer).
     keep_order: str = Field("aesthetic_score DESC NULLS LAST, key", min_length=1)
+    # near duplicates (filters/dedup.py, filters/semdedup.py), after the rules and exact dedup
+    phash: PhashDedupConfig = Field(default_factory=lambda: PhashDedupConfig())
+    semantic: SemanticDedupConfig = Field(default_factory=lambda: SemanticDedupConfig())
+
+
+class PhashDedupConfig(_Strict):
+    """Rule `near_duplicate_phash`: pHashes (the phash scorer) at most max_distance bits apart."""
+
+    enabled: bool | Literal["auto"] = "auto"  # auto: on when the run has a phash column
+    # 4 of 64 bits: re-encoded / resized copies measure 0-2, unrelated photos ~32 (see filters/dedup.py)
+    max_distance: int = Field(4, ge=0, le=16)
+
+
+class SemanticDedupConfig(_Strict):
+    """Rule `semantic_duplicate` (SemDeDup): k-means on the saved CLIP embeddings, then cosine >= threshold
+    within each cluster."""
+
+    # off by default: no published LAION subset applied it, and the presets reproduce those. auto: on when
+    # the saved embeddings come from a real CLIP (never tiny ones); true with tiny embeddings runs and
+    # records `tiny` in the decisions' provenance
+    enabled: bool | Literal["auto"] = False
+    threshold: float = Field(0.95, gt=0, le=1)  # SemDeDup's 1 - eps
+    clusters: int | None = Field(None, ge=1)  # None: ceil(sqrt(candidates))
+    iterations: int = Field(10, ge=1)  # k-means passes over the embeddings (stops early when stable)
+    seed: int = 0
+    chunk_rows: int = Field(16384, ge=1)  # embeddings in memory at once (per chunk / cluster group)
+
+
+DedupConfig.model_rebuild()
 
 
 class SelectConfig(_Strict):
@@ -141,13 +170,61 @@ class SelectConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"rule names must be unique; repeated: {sorted(dup)}")
-        if "duplicate" in names:
-            raise ValueError("rule name 'duplicate' is reserved for deduplication (select.dedup)")
+        for reserved in ("duplicate", "near_duplicate_phash", "semantic_duplicate"):
+            if reserved in names:
+                raise ValueError(f"rule name {reserved!r} is reserved for deduplication (select.dedup)")
         return v
 
 
 class WriteConfig(_Strict):
     samples_per_shard: int = Field(200, ge=1)
+    # aspect buckets (pipeline/buckets.py): None (no bucket columns), a named list ("sdxl", "sd1") or
+    # [[width, height], ...]; each written sample gets the bucket nearest its aspect ratio (log-ratio)
+    buckets: str | list[tuple[int, int]] | None = None
+    # one bucket per curated shard (the manifest names each shard's bucket); needs `buckets`
+    group_by_bucket: bool = False
+
+    @field_validator("buckets")
+    @classmethod
+    def _known_buckets(cls, v):
+        if v is not None:
+            from t2i_curate.pipeline.buckets import resolve_buckets
+
+            resolve_buckets(v)  # a ValueError names the known lists, or the bad entry
+        return v
+
+    @model_validator(mode="after")
+    def _grouping_needs_buckets(self):
+        if self.group_by_bucket and self.buckets is None:
+            raise ValueError("write.group_by_bucket needs a bucket list: set write.buckets (e.g. sdxl)")
+        return self
+
+
+class Blocklist(_Strict):
+    """A removal list (pipeline/blocklist.py): url / domain lists apply before download, image-hash lists
+    (md5, sha256, phash) at select; a listed row ends `dropped` with rule `blocklist:<name>`."""
+
+    name: str
+    path: str  # .parquet (one column, or `column`), else text: one entry a line, '#' starts a comment
+    kind: Literal["url", "domain", "md5", "sha256", "phash"]
+    max_distance: int = Field(0, ge=0, le=63)  # phash only: Hamming distance still counted as a match
+    column: str | None = None  # parquet lists with several columns: the one to read
+    # the list file's sha256: refused before any work when the file differs. A run folder's config.yaml
+    # records it for every list (prepare_run), so a url / domain list edited after download is noticed.
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        if not v.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ValueError(f"blocklist names use letters, digits, '_', '-', '.'; got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _distance_for_phash(self):
+        if self.max_distance and self.kind != "phash":
+            raise ValueError(f"blocklist {self.name!r}: max_distance applies to kind phash only, not {self.kind}")
+        return self
 
 
 class EvalConfig(_Strict):
@@ -185,7 +262,11 @@ class EvalConfig(_Strict):
     models: Literal["auto", "tiny", "real"] = "auto"
     labels: str | None = None  # csv: image_id, category, failed (yes/no)
     # failure judges (eval/judge_*.py, one file each); checked against them when eval starts
-    judges: list[str] = Field(default_factory=lambda: ["clip_contrast", "probe"])
+    judges: list[str] = Field(default_factory=lambda: ["clip_contrast", "probe", "hands", "pose"])
+    # per-judge settings, validated by the judge's own Options (eval/judge_<name>.py), e.g. vqa: {model: ...}
+    judge_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # faces, hands and people found in every image (MediaPipe; ~40 img/s on one CPU core), for eval_judgements
+    census: bool = True
     bias_reference: str | None = None  # csv: occupation, attribute, value, share
 
     @field_validator("fid_antialias")
@@ -215,6 +296,16 @@ class RunConfig(_Strict):
     write: WriteConfig = Field(default_factory=WriteConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    blocklists: list[Blocklist] = Field(default_factory=list)
+
+    @field_validator("blocklists")
+    @classmethod
+    def _unique_lists(cls, v: list[Blocklist]) -> list[Blocklist]:
+        names = [b.name for b in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"blocklist names must be unique; repeated: {dup}")
+        return v
 
     @property
     def run_dir(self) -> Path:
@@ -232,6 +323,16 @@ class RunConfig(_Strict):
             d["download"].pop(k)
         if d["download"]["allow_private_addresses"] is None:  # unset: what the URL guard applies
             d["download"]["allow_private_addresses"] = self.input.urls == "demo"
+        pre = [b for b in self.blocklists if b.kind in ("url", "domain")]
+        if pre:  # lists applied before download, by content (no lists: no key, fingerprints unchanged)
+            from t2i_curate.pipeline.io import sha256_file
+
+            def digest(b: Blocklist) -> str | None:
+                p = Path(b.path).expanduser()
+                return b.sha256 or (sha256_file(p) if p.is_file() else None)
+
+            d["blocklists"] = [{**b.model_dump(mode="json", exclude={"path", "max_distance"}), "sha256": digest(b)}
+                               for b in pre]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     # top-level sections a run folder's fingerprint leaves out (listed for the refusal message)

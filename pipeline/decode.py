@@ -58,7 +58,9 @@ class TarImages(tud.IterableDataset):
         wi = tud.get_worker_info()
         n, i = (wi.num_workers, wi.id) if wi else (1, 0)
         # a truncated tar: what was read is scored, the rest is recorded as missing by the caller
-        members = iter_members(self.tar_path, keys=self.keys, exts=IMAGE_EXTS)
+        # in key order: each image's batch and position (and so its float rounding) do not depend on the
+        # order the downloader wrote the tar in
+        members = iter_members(self.tar_path, keys=self.keys, exts=IMAGE_EXTS, ordered=True)
         for j, (key, _, data) in enumerate(members):
             if j % n == i:
                 yield self._one(key, data)

@@ -1,7 +1,8 @@
 """Built-in demo data: procedurally generated LAION-style rows, served on loopback.
 
 ``build_demo(folder, n)`` writes images, a ground-truth table (its ``duplicate_of``
-column names the row an exact duplicate copies) and a URL-list template. ``serve_demo(folder)`` starts an HTTP server on 127.0.0.1 (random
+column names the row an exact duplicate copies, ``near_duplicate_of`` the row a re-encoded or
+resized copy was made from) and a URL-list template. ``serve_demo(folder)`` starts an HTTP server on 127.0.0.1 (random
 port) and yields the URL-list parquet with that server's address in it, so
 img2dataset downloads the demo for real. Nothing touches the network beyond
 loopback.
@@ -89,12 +90,12 @@ def build_demo(folder: Path, n: int = 600, seed: int = 0) -> Path:
     if gt_path.exists():
         import pyarrow.parquet as pq
 
-        if pq.read_metadata(gt_path).num_rows == n + _n_special(n) + N_DUPLICATES:
+        if pq.read_metadata(gt_path).num_rows == n + _n_special(n) + N_DUPLICATES + N_NEAR:
             return gt_path
     (folder / "img").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {k: [] for k in (
-        "demo_id", "path", "kind", "TEXT", "true_width", "true_height", "watermarked", "duplicate_of")}
+        "demo_id", "path", "kind", "TEXT", "true_width", "true_height", "watermarked", "duplicate_of", "near_duplicate_of")}
     from tqdm import tqdm
 
     for i, (w, h) in enumerate(tqdm(_size_plan(rng, n), desc="demo images", unit="img")):
@@ -107,6 +108,7 @@ def build_demo(folder: Path, n: int = 600, seed: int = 0) -> Path:
         _add(rows, i, f"/{name}", "image", caption, w, h, wm is not None)
     _add_specials(rows, folder, n, rng)
     _add_duplicates(rows)
+    _add_near_duplicates(rows, folder)
     write_parquet(gt_path, pa.table(rows))
     log.info("demo data: %d rows in %s", len(rows["demo_id"]), folder)
     return gt_path
@@ -119,8 +121,9 @@ def _caption(rng: np.random.Generator, i: int) -> str:
     return f"{STYLES[int(rng.integers(len(STYLES)))]} of {subject}"
 
 
-def _add(rows, i, path, kind, caption, w, h, watermarked, duplicate_of=None):
+def _add(rows, i, path, kind, caption, w, h, watermarked, duplicate_of=None, near_duplicate_of=None):
     rows["duplicate_of"].append(duplicate_of)  # demo_id of the row this one duplicates exactly
+    rows["near_duplicate_of"].append(near_duplicate_of)  # demo_id of the row this one is a near copy of
     rows["demo_id"].append(i)
     rows["path"].append(path)
     rows["kind"].append(kind)
@@ -176,6 +179,35 @@ def _add_duplicates(rows) -> None:
     for (kind, path_of), o in zip(DUPLICATE_PATHS.items(), originals, strict=False):
         _add(rows, i, path_of(rows["path"][o]), kind, rows["TEXT"][o], rows["true_width"][o],
              rows["true_height"][o], rows["watermarked"][o], duplicate_of=rows["demo_id"][o])
+        i += 1
+
+
+# near duplicates (select.dedup.phash): (kind, scale, JPEG quality) of a new file made from an
+# original the demo's rules keep, under a URL of its own; the pHash rule drops one of each pair
+NEAR_COPIES = [("near_duplicate_requality", 1.0, 35), ("near_duplicate_resized", 0.7, 90),
+               ("near_duplicate_requality", 1.0, 50), ("near_duplicate_resized", 0.6, 85)]
+N_NEAR = len(NEAR_COPIES)
+
+
+def _add_near_duplicates(rows, folder: Path) -> None:
+    """Re-encoded and resized copies of originals the rules keep (not watermarked, so the text rule
+    keeps them; not already exactly duplicated; large enough that the smaller copy passes too)."""
+    from PIL import Image
+
+    exact = set(rows["duplicate_of"])
+    originals = [i for i, k in enumerate(rows["kind"]) if k == "image" and _passes_demo_rules(rows, i)
+                 and not rows["watermarked"][i] and min(rows["true_width"][i], rows["true_height"][i]) >= 440
+                 and rows["demo_id"][i] not in exact]
+    i = len(rows["demo_id"])
+    for j, ((kind, scale, quality), o) in enumerate(zip(NEAR_COPIES, originals, strict=False)):
+        with Image.open(folder / rows["path"][o].lstrip("/")) as img:
+            img = img.convert("RGB")
+            w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+            copy = img.resize((w, h), Image.LANCZOS) if scale != 1.0 else img
+        name = f"img/near_{j:03d}.jpg"
+        with atomic_path(folder / name) as tmp:
+            copy.save(tmp, format="JPEG", quality=quality)
+        _add(rows, i, f"/{name}", kind, rows["TEXT"][o], w, h, False, near_duplicate_of=rows["demo_id"][o])
         i += 1
 
 

@@ -228,23 +228,29 @@ def guard_settings(cfg: RunConfig):
                                            else allow})
 
 
-def split_refused(cfg: RunConfig, lay: RunLayout) -> tuple[Path, int]:
+def split_refused(cfg: RunConfig, lay: RunLayout) -> tuple[Path, int, int]:
     """Write the rows img2dataset may fetch to ``_fetch.parquet`` and the refused ones, with
-    their reasons, to ``_refused.parquet`` (removed when none); return (fetch list, refused)."""
+    their reasons, to ``_refused.parquet`` (removed when none); return (fetch list, refused, blocked).
+    Rows a url / domain blocklist names (``pipeline/blocklist.py``) are refused too, with the list's
+    rule in column ``rule`` (NULL for the URL guard's refusals): select drops them under that rule."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from t2i_curate.pipeline.blocklist import blocked_urls
     from t2i_curate.pipeline.urlguard import url_refusal
 
     table = pq.read_table(lay.input_file)
     dcfg = guard_settings(cfg)
-    reasons = [url_refusal(u, dcfg) for u in table[cfg.input.url_col].to_pylist()]
+    urls = table[cfg.input.url_col].to_pylist()
+    blocked = blocked_urls(cfg, urls)
+    reasons = [b[1] if b else url_refusal(u, dcfg) for u, b in zip(urls, blocked, strict=True)]
     refused = [i for i, r in enumerate(reasons) if r is not None]
+    n_blocked = sum(b is not None for b in blocked)
     allowed = pa.array([r is None for r in reasons], type=pa.bool_())
     write_parquet(lay.fetch_file, table.filter(allowed))
     if not refused:
         lay.refused_file.unlink(missing_ok=True)
-        return lay.fetch_file, 0
+        return lay.fetch_file, 0, 0
     idx = pa.array(refused, type=pa.int64())
     caps = (table[cfg.input.caption_col].take(idx) if cfg.input.caption_col
             else pa.nulls(len(refused), pa.string()))
@@ -253,10 +259,14 @@ def split_refused(cfg: RunConfig, lay: RunLayout) -> tuple[Path, int]:
         "url": table[cfg.input.url_col].take(idx).cast(pa.string()),
         "caption": caps,
         "reason": pa.array([reasons[i] for i in refused], type=pa.string()),
+        "rule": pa.array([blocked[i][0] if blocked[i] else None for i in refused], type=pa.string()),
     }))
-    log.warning("download: %d of %d URLs refused before any fetch (see %s)",
-                len(refused), table.num_rows, lay.refused_file)
-    return lay.fetch_file, len(refused)
+    if n_blocked:
+        log.info("download: %d URLs blocked by a blocklist, never fetched", n_blocked)
+    if len(refused) > n_blocked:
+        log.warning("download: %d of %d URLs refused before any fetch (see %s)",
+                    len(refused) - n_blocked, table.num_rows, lay.refused_file)
+    return lay.fetch_file, len(refused) - n_blocked, n_blocked
 
 
 def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) -> dict:
@@ -265,7 +275,7 @@ def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) ->
 
     lay = RunLayout(run_dir)
     _, extras = prepare_input(run_dir, url_path, cfg.input, table)
-    fetch_path, n_refused = split_refused(cfg, lay)
+    fetch_path, n_refused, n_blocked = split_refused(cfg, lay)
     out = lay.download
     n_rows = pq.read_metadata(fetch_path).num_rows
     todo = expected_shards(n_rows, cfg.download.samples_per_shard) - len(lay.finished_downloads())
@@ -275,8 +285,9 @@ def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) ->
         log.warning("download: every URL was refused; nothing to fetch")
     else:
         log.info("download: all %d shards finished already", len(lay.finished_downloads()))
-    d = download_summary(lay)  # refused rows count as failed downloads
-    return {**d, "rows": d["rows"] + n_refused, "failed": d["failed"] + n_refused, "refused": n_refused}
+    d = download_summary(lay)  # refused rows count as failed downloads; blocked ones as neither
+    return {**d, "rows": d["rows"] + n_refused + n_blocked, "failed": d["failed"] + n_refused,
+            "refused": n_refused, "blocked": n_blocked}
 
 
 def download_summary(lay: RunLayout) -> dict:
@@ -344,10 +355,12 @@ def _allowed_only(cfg: RunConfig, rows):
     their earlier failure."""
     import pyarrow as pa
 
+    from t2i_curate.pipeline.blocklist import blocked_urls
     from t2i_curate.pipeline.urlguard import url_refusal
 
     dcfg = guard_settings(cfg)
-    ok = [url_refusal(u, dcfg) is None for u in rows[cfg.input.url_col].to_pylist()]
+    urls = rows[cfg.input.url_col].to_pylist()  # a refreshed URL a blocklist names is not fetched either
+    ok = [url_refusal(u, dcfg) is None and b is None for u, b in zip(urls, blocked_urls(cfg, urls), strict=True)]
     if not all(ok):
         log.warning("retry-failed: %d refreshed URL(s) refused, not retried", ok.count(False))
     return rows.filter(pa.array(ok, type=pa.bool_()))

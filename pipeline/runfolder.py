@@ -52,8 +52,12 @@ def prepare_run(cfg: RunConfig) -> Path:
     """Create or reopen ``cfg.run_dir``; refuse a folder made by a different config.
 
     Selection and writing settings may change between runs (they are redone);
-    anything that changes downloads or scores may not.
+    anything that changes downloads or scores may not. Every blocklist is read and checked first.
     """
+    from t2i_curate.pipeline.blocklist import check_blocklists, pinned
+
+    check_blocklists(cfg)  # a malformed list stops the run here, before the folder or any download
+    cfg = pinned(cfg)  # each list's sha256 recorded: a url / domain list edited later changes the fingerprint
     run = ensure_writable(cfg.run_dir)
     saved = RunLayout(run).config
     if saved.exists():

@@ -2,8 +2,8 @@
 
 Writes ``selected/decisions.parquet``: one row per input row with ``state``
 (``selected`` / ``dropped`` / ``failed``), the dropping ``rule`` (``duplicate`` for exact
-duplicates, with the kept sample's key in ``duplicate_of``), and for failures the ``error``
-and ``failed_stage``.
+duplicates, with the kept sample's key in ``duplicate_of``; ``blocklist:<name>`` for a row a
+blocklist names, ``pipeline/blocklist.py``), and for failures the ``error`` and ``failed_stage``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from t2i_curate.filters.dedup import DEFAULT_KEEP_ORDER, FALLBACK_KEEP_ORDER, ExactDedup
+from t2i_curate.filters.dedup import DEFAULT_KEEP_ORDER, FALLBACK_KEEP_ORDER, ExactDedup, near_dedup
 from t2i_curate.filters.rules import RuleError, decision_sql, explain_missing, missing_column
+from t2i_curate.pipeline.blocklist import hash_rules
 from t2i_curate.pipeline.catalog import arrow, open_run
 from t2i_curate.pipeline.config import RunConfig
 from t2i_curate.pipeline.errors import UserError
@@ -48,10 +49,16 @@ def dedup_plan(con, dcfg) -> ExactDedup | None:
     ``keep_order`` is bound against the ``samples`` view; the default order falls back to
     ``key`` when the run has no ``aesthetic_score`` column, any other missing column is refused.
     """
-    import duckdb
-
     if not dcfg.exact:
         return None
+    cols = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+    return ExactDedup(keep_order=bound_keep_order(con, dcfg), by_sha256="sha256" in cols, by_url="url" in cols)
+
+
+def bound_keep_order(con, dcfg) -> str:
+    """``select.dedup.keep_order`` bound against the ``samples`` view (the default falls back to ``key``)."""
+    import duckdb
+
     order = dcfg.keep_order
     try:
         con.execute(f"SELECT key FROM samples ORDER BY {order}, key LIMIT 0").fetchall()
@@ -64,8 +71,7 @@ def dedup_plan(con, dcfg) -> ExactDedup | None:
             raise RuleError(explain_missing("select.dedup.keep_order", col)) from None
         else:
             raise RuleError(f"select.dedup.keep_order: {order!r} is not a valid DuckDB ORDER BY: {e}") from None
-    cols = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
-    return ExactDedup(keep_order=order, by_sha256="sha256" in cols, by_url="url" in cols)
+    return order
 
 
 def check_complete(run_dir: Path, con, scfg=None) -> None:
@@ -104,6 +110,26 @@ def _has(con, view: str) -> bool:
         "SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [view]).fetchall()[0][0])
 
 
+def refused_views(con) -> tuple[str | None, str | None]:
+    """(the view of rows the URL guard refused, for ``decision_sql``; the SQL of the decisions of rows a
+    url / domain blocklist refused: ``dropped`` under the list's rule), each None when there is none."""
+    from t2i_curate.filters.rules import REFUSED_KEY
+
+    if not _has(con, "refused"):
+        return None, None
+    if "rule" not in {r[0] for r in con.execute("DESCRIBE refused").fetchall()}:  # a run from before blocklists
+        return "refused", None
+    con.execute("CREATE OR REPLACE TEMP VIEW refused_guard AS SELECT * FROM refused WHERE rule IS NULL")
+    return "refused_guard", (f"SELECT {REFUSED_KEY} AS key, 'dropped' AS state, rule, NULL::VARCHAR AS error, "
+                             f"NULL::VARCHAR AS failed_stage, NULL::VARCHAR AS duplicate_of FROM refused "
+                             f"WHERE rule IS NOT NULL")
+
+
+def with_blocked(sql: str, blocked: str | None) -> str:
+    """``sql`` (the decisions) with the blocklisted rows' decisions added, ordered by key."""
+    return sql if blocked is None else f"SELECT * FROM ({sql}) UNION ALL BY NAME ({blocked}) ORDER BY key"
+
+
 def select_stage(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
     """Judge every sample; write the decisions table; return state counts."""
     con = open_run(run_dir)
@@ -111,12 +137,15 @@ def select_stage(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
         raise StageOrderError("no download input in this run; run `curate download` first")
     check_complete(run_dir, con, cfg.score)
     source = "samples" if _has(con, "downloads") else None  # None: every URL was refused
-    dedup = None
+    dedup, rules = None, list(cfg.select.rules)
     if source:
         check_rules(con, cfg.select.rules)
         dedup = dedup_plan(con, cfg.select.dedup)
-    refused = "refused" if _has(con, "refused") else None
-    table = arrow(con, decision_sql(cfg.select.rules, source, refused, dedup))
+        rules = hash_rules(cfg, con) + rules  # image-hash blocklists first (pipeline/blocklist.py)
+    refused, blocked = refused_views(con)
+    table = arrow(con, with_blocked(decision_sql(rules, source, refused, dedup), blocked))
+    if source:  # near duplicates (pHash, SemDeDup) among what the rules and exact dedup kept
+        table, _ = near_dedup(con, table, cfg.select.dedup, bound_keep_order(con, cfg.select.dedup), run_dir)
     decisions = RunLayout(run_dir).decisions
     write_parquet(decisions, table)
     counts = dict(con.execute(

@@ -37,32 +37,62 @@ def safe_member_name(name: str) -> str | None:
 
 
 def iter_members(path: Path, keys: set[str] | None = None, exts: Iterable[str] | None = None,
-                 skip_exts: Iterable[str] = (), errors: list[str] | None = None,
+                 skip_exts: Iterable[str] = (), errors: list[str] | None = None, ordered: bool = False,
                  ) -> Iterator[tuple[str, str, bytes]]:
     """``(key, ext, bytes)`` of the regular-file members of ``path`` with safe names.
 
     ``keys``: only these keys; ``exts`` / ``skip_exts``: only / not these extensions
     (lower-cased). A damaged tar ends the iteration; its reason goes to ``errors``.
+    ``ordered``: in key order, whatever order the writer used (img2dataset writes in download
+    completion order), from the headers first, then each member's data; a member whose data cannot
+    be read is left out.
     """
     want_ext = {e.lower() for e in exts} if exts is not None else None
     skip = {e.lower() for e in skip_exts}
+
+    def wanted(m) -> tuple[str, str] | None:
+        name = safe_member_name(m.name)
+        if name is None or not m.isfile():
+            log.warning("%s: skipping unsafe or non-file member %r", path, m.name)
+            return None
+        key, _, ext = name.partition(".")
+        if (keys is not None and key not in keys) or ext.lower() in skip or (
+                want_ext is not None and ext.lower() not in want_ext):
+            return None
+        return key, ext
+
     try:
         with tarfile.open(path) as tf:
-            for m in tf:
-                name = safe_member_name(m.name)
-                if name is None or not m.isfile():
-                    log.warning("%s: skipping unsafe or non-file member %r", path, m.name)
-                    continue
-                key, _, ext = name.partition(".")
-                ext_l = ext.lower()
-                if (keys is not None and key not in keys) or ext_l in skip or (
-                        want_ext is not None and ext_l not in want_ext):
-                    continue
-                yield key, ext, tf.extractfile(m).read()
+            if not ordered:
+                for m in tf:
+                    if (ke := wanted(m)) is not None:
+                        yield *ke, tf.extractfile(m).read()
+                return
+            yield from _ordered(tf, wanted, path, errors)
     except (tarfile.TarError, EOFError, OSError) as e:  # truncated or damaged: keep what was read
         log.warning("%s: tar ends early or cannot be read (%s)", path, e)
         if errors is not None:
             errors.append(f"{type(e).__name__}: {e}")
+
+
+def _ordered(tf, wanted, path, errors):
+    found = []
+    try:
+        for m in tf:
+            if (ke := wanted(m)) is not None:
+                found.append((ke, m))
+    except (tarfile.TarError, EOFError, OSError) as e:  # the headers before the damage still count
+        log.warning("%s: tar ends early or cannot be read (%s)", path, e)
+        if errors is not None:
+            errors.append(f"{type(e).__name__}: {e}")
+    for (key, ext), m in sorted(found, key=lambda x: x[0]):
+        try:
+            data = tf.extractfile(m).read()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            log.warning("%s: member %s cannot be read (%s)", path, m.name, e)
+            continue
+        if len(data) == m.size:
+            yield key, ext, data
 
 
 def member_keys(path: Path, exts: Iterable[str] | None = None, errors: list[str] | None = None) -> set[str]:

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,11 @@ class WeightFile:
     url: str | None  # None: no public download (e.g. our conversion of an upstream file)
     sha256: str | None  # None: unknown upstream; recorded on first download and pinned
     origin: str = ""  # where a file without a url comes from (said when it is missing)
+    # a file `curate weights` builds (no url): from the downloadable ``built_from``, by
+    # ``build(source_path, destination_path)``
+    built_from: WeightFile | None = None
+    build: Callable[[Path, Path], None] | None = None
+    also_accept: tuple[str, ...] = ()  # other sha256 of the same weights (e.g. a copy with extra tensors)
 
 
 def cache_dir(mcfg: ModelsConfig) -> Path:
@@ -73,8 +79,9 @@ def verify(path: Path, wf: WeightFile, mcfg: ModelsConfig) -> str:
     pin_file = cache_dir(mcfg) / f"{wf.filename}.sha256"
     if pinned is None and pin_file.exists():
         pinned = pin_file.read_text().split()[0]
-    if pinned is not None and digest != pinned:
-        raise WeightsMismatchError(f"{path}: sha256 {digest} but {wf.name} is pinned to {pinned}")
+    if pinned is not None and digest != pinned and digest not in wf.also_accept:
+        also = f" (or {', '.join(wf.also_accept)})" if wf.also_accept else ""
+        raise WeightsMismatchError(f"{path}: sha256 {digest} but {wf.name} is pinned to {pinned}{also}")
     return digest
 
 
@@ -89,6 +96,13 @@ def resolve_weight(wf: WeightFile, mcfg: ModelsConfig, allow_download: bool = Fa
         return p
     p = cache_dir(mcfg) / wf.filename
     if not p.is_file():
+        if wf.build is not None and wf.built_from is not None:
+            raise WeightsMissingError(
+                f"weights for {wf.name} are missing ({p}): {wf.filename} is {wf.origin}; `curate weights` "
+                f"builds it from {wf.built_from.filename} (downloaded, or named with `--set "
+                f"\"score.models.local_weights={{{wf.built_from.name}: /path/to/{wf.built_from.filename}}}\"`"
+                f"), or pass the file itself with "
+                f"`--set \"score.models.local_weights={{{wf.name}: /path/to/{wf.filename}}}\"`")
         if wf.url is None:  # no download exists: `make weights` would not help either
             raise WeightsMissingError(
                 f"weights for {wf.name} are missing ({p}): {wf.filename} is "
@@ -166,7 +180,25 @@ def fetch_all(mcfg: ModelsConfig, clip_names: list[str], files: list[WeightFile]
     out = {}
     for n in clip_names:
         out[n] = clip_checkpoint(n, mcfg, allow_download=True)
-    # downloadable files first: a missing file without a URL stops here with how to provide it
-    for wf in sorted(files, key=lambda w: w.url is None):
-        out[wf.name] = str(resolve_weight(wf, mcfg, allow_download=True))
+    # downloadable files first, then the ones built from them; a missing file with neither a URL nor a
+    # build stops here with how to provide it
+    for wf in sorted(files, key=lambda w: (w.url is None, w.build is None)):
+        built = wf.build is not None
+        out[wf.name] = str(build_weight(wf, mcfg) if built else resolve_weight(wf, mcfg, allow_download=True))
     return out
+
+
+def build_weight(wf: WeightFile, mcfg: ModelsConfig) -> Path:
+    """A built weight file (``wf.build``): the cached or local copy when it is there, else built into the
+    cache from ``wf.built_from`` (downloaded when missing) and checked before it takes its place."""
+    if wf.name in mcfg.local_weights or (cache_dir(mcfg) / wf.filename).is_file():
+        return resolve_weight(wf, mcfg)
+    if wf.build is None or wf.built_from is None:
+        raise UserError(f"{wf.name}: expected a weight file with a build and a source, got neither")
+    src = resolve_weight(wf.built_from, mcfg, allow_download=True)
+    dest = cache_dir(mcfg) / wf.filename
+    log.info("building %s from %s", dest, src)
+    with atomic_path(dest) as tmp:
+        wf.build(src, tmp)
+        verify(tmp, wf, mcfg)  # a mismatch leaves nothing in the cache
+    return dest

@@ -7,7 +7,9 @@ reads only its own rows from it. Output shard *i* is done when
 ``selected/NNNNN.parquet`` exists and lists exactly the planned keys; anything
 else is (re)written: the tar first, then the parquet, each atomically. Shards
 beyond the plan are removed, then ``manifest.json`` is written with counts and
-each shard's sha256.
+each shard's sha256. With ``write.buckets`` each row gains ``bucket_width`` / ``bucket_height``
+(``pipeline/buckets.py``); with ``write.group_by_bucket`` the plan is sorted by (bucket, key) and cut
+so that each shard holds one bucket.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from t2i_curate.pipeline.blocklist import provenance
+from t2i_curate.pipeline.buckets import bucket_of_shard, manifest_info, shard_slices, with_buckets
 from t2i_curate.pipeline.catalog import arrow, open_run
 from t2i_curate.pipeline.config import RunConfig
 from t2i_curate.pipeline.io import sha256_file, shard_ids, write_json, write_parquet
@@ -42,15 +46,18 @@ def selected_metadata(lay: RunLayout):
     return meta.drop_columns([c for c in DROP_META if c in meta.column_names])
 
 
-def write_plan(lay: RunLayout, meta, per_shard: int) -> None:
-    """For executors in other processes: the plan as ``selected/_plan.parquet``, a row group per shard."""
+def write_plan(lay: RunLayout, meta, per_shard: int, slices: list[tuple[int, int]] | None = None) -> None:
+    """For executors in other processes: the plan as ``selected/_plan.parquet``, a row group per shard
+    (``slices``: each shard's (offset, rows) in ``meta`` when shards are cut per bucket)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from t2i_curate.pipeline.io import atomic_path
 
-    meta = meta.append_column("plan_shard", pc.divide(pa.array(range(meta.num_rows), pa.int64()), per_shard))
+    shard = (pc.divide(pa.array(range(meta.num_rows), pa.int64()), per_shard) if slices is None
+             else pa.array([i for i, (_, n) in enumerate(slices) for _ in range(n)], pa.int64()))
+    meta = meta.append_column("plan_shard", shard)
     with atomic_path(lay.selected / PLAN) as tmp:
         pq.write_table(meta, tmp, row_group_size=per_shard)
 
@@ -145,13 +152,14 @@ def write_stage(cfg: RunConfig, run_dir: Path, extra_manifest: dict | None = Non
 
         raise StageOrderError("no selection in this run; run `curate select` first")
     per = cfg.write.samples_per_shard
-    meta = selected_metadata(lay)
-    n_shards = math.ceil(meta.num_rows / per)
+    meta = with_buckets(selected_metadata(lay), cfg.write)  # bucket columns when write.buckets is set
+    slices = shard_slices(meta, per, cfg.write.group_by_bucket)
+    n_shards = len(slices)
     items = list(range(n_shards))
     if cfg.executor == "local":  # threads share memory: hand each shard its rows
-        fn = partial(_write_rows, str(run_dir), {i: meta.slice(i * per, per) for i in items})
+        fn = partial(_write_rows, str(run_dir), {i: meta.slice(*slices[i]) for i in items})
     else:  # other processes read their rows from the plan file
-        write_plan(lay, meta, per)
+        write_plan(lay, meta, per, slices)
         fn = partial(write_shard, str(run_dir))
     res = map_shards(fn, items, workers=cfg.workers, executor=cfg.executor, desc="write", ray_cfg=cfg.ray,
                      threads=True)
@@ -162,6 +170,9 @@ def write_stage(cfg: RunConfig, run_dir: Path, extra_manifest: dict | None = Non
             lay.selected_tar(stale).unlink(missing_ok=True)
     (lay.selected / PLAN).unlink(missing_ok=True)
     entries = [res.results[i] for i in items]
+    if cfg.write.group_by_bucket:  # each shard holds one bucket
+        entries = [{**e, "bucket": bucket_of_shard(meta, slices[i][0])} for i, e in enumerate(entries)]
+    extra = {**manifest_info(meta, cfg.write), **({"blocklists": provenance(cfg)} if cfg.blocklists else {})}
     manifest = {
         "run": cfg.name,
         "config_fingerprint": cfg.fingerprint(),
@@ -169,6 +180,7 @@ def write_stage(cfg: RunConfig, run_dir: Path, extra_manifest: dict | None = Non
         "shards": [{k: v for k, v in e.items() if k != "skipped"} for e in entries],
         "samples_per_shard": cfg.write.samples_per_shard,
         "rules": [r.model_dump() for r in cfg.select.rules],
+        **extra,
         **(extra_manifest or {}),
     }
     write_json(lay.manifest, manifest)

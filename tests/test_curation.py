@@ -27,7 +27,8 @@ def test_every_row_accounted_for(demo_run):
     run, _ = demo_run
     f = json.loads((run / "report" / "funnel.json").read_text())
     n_input = pq.read_metadata(run / "download" / "_input.parquet").num_rows
-    assert f["input"] == n_input == 60 + 9 + 3  # 60 images + 3 dead, 3 html, 3 truncated + 3 exact duplicates
+    # 60 images + 3 dead, 3 html, 3 truncated + 3 exact duplicates + 4 near copies (re-encoded / resized)
+    assert f["input"] == n_input == 60 + 9 + 3 + 4
     assert f["written"] + f["dropped"] + f["failed"] == n_input
     assert f["written"] > 0 and f["dropped"] > 0 and f["failed"] == 9
     dec = pq.read_table(run / "selected" / "decisions.parquet").to_pylist()
@@ -74,7 +75,7 @@ def test_sizes_match_ground_truth(demo_run):
     rows = duckdb.connect().execute(
         f"SELECT demo_id, original_width, original_height FROM read_parquet('{run}/download/0000*.parquet') "
         "WHERE status = 'success'").fetchall()
-    assert len(rows) == 60 + 3  # the 3 exact duplicates download fine
+    assert len(rows) == 60 + 3 + 4  # the exact duplicates and the near copies download fine
     for i, w, h in rows:
         assert (w, h) == (gt[i]["true_width"], gt[i]["true_height"])
 
@@ -117,7 +118,7 @@ def test_catalog_views_and_query_formats(demo_run, tmp_path):
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     assert {"input", "downloads", "scores", "samples", "decisions", "funnel", "shards"} <= views
     total = con.execute("SELECT sum(samples) FROM funnel").fetchall()[0][0]
-    assert total == 72
+    assert total == 76
     out = tmp_path / "q.csv"
     curate("query", "--run", run, "SELECT state, count(*) AS n FROM decisions GROUP BY 1 ORDER BY 1",
            "--format", "csv", "--output", out)

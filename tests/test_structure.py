@@ -19,7 +19,8 @@ from t2i_curate.filters.base import Batch, Scorer
 from t2i_curate.filters.registry import column_providers, scorer_classes
 from t2i_curate.pipeline.config import load_config
 
-CORE = ("config", "layout", "io", "tars", "errors", "executors", "ray_executor", "weights", "catalog", "devices")
+CORE = ("config", "layout", "io", "tars", "errors", "executors", "ray_executor", "weights", "catalog", "devices",
+        "buckets")
 
 
 def _fake_download(run: Path, captions: list[str]) -> None:
@@ -137,8 +138,8 @@ def test_a_judge_defined_anywhere_is_used_by_eval(tmp_path):
     """A throwaway failure judge, declared in this test alone, gets its rates and per-image column."""
     import torch
 
-    from t2i_curate.eval.evaluate import _failures
     from t2i_curate.eval.judge import Judge, configured_judges, judge_classes
+    from t2i_curate.eval.judging import run_judges
     from t2i_curate.pipeline.errors import UserError
 
     class AlwaysFails(Judge):
@@ -156,9 +157,10 @@ def test_a_judge_defined_anywhere_is_used_by_eval(tmp_path):
         rows = [{"image_id": f"h{i}", "category": "horses"} for i in range(3)]
         rows.append({"image_id": "p0", "category": "human_limbs"})
         cfg = load_config("demo", ["eval.judges=[always_fails_test]"])
-        out, per_image, info = _failures(cfg, rows, torch.randn(4, 8), None, tmp_path)
+        out, per_image, info = run_judges(cfg, rows, torch.randn(4, 8), None, tmp_path)
         assert [(r["category"], r["judge"], r["n"], r["rate"]) for r in out] == [("horses", "always_fails_test", 3, 1.0)]
-        assert per_image == {"p_fail_always_fails_test": [1.0, 1.0, 1.0, None]}
+        assert per_image == {"p_fail_always_fails_test": [1.0, 1.0, 1.0, None],
+                             "verdict_always_fails_test": ["failed", "failed", "failed", None]}
         assert info["always_fails_test"]["description"] == "says every horse failed"
     finally:
         del AlwaysFails
