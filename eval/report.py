@@ -113,6 +113,13 @@ def _failure_section(m: dict) -> tuple[list[str], list[str]]:
     return parts, md
 
 
+def _coverage_section(out_dir: Path, m: dict) -> tuple[list[str], list[str]]:
+    """Failure rate next to the training run's concept coverage (``eval.training_run``, pipeline/coverage.py)."""
+    from t2i_curate.pipeline.coverage import eval_coverage_section
+
+    return eval_coverage_section(out_dir, m)
+
+
 def _examples_section(out_dir: Path, m: dict) -> list[str]:
     """What the MediaPipe judges saw, drawn on the images (hand landmarks, pose, face boxes)."""
     ex = [e for e in m.get("examples", []) if (out_dir / e["file"]).exists()]
@@ -234,7 +241,8 @@ def build_report(out_dir: Path) -> tuple[Path, Path]:
     images = pq.read_table(out_dir / "eval_images.parquet").to_pylist()
     bias = [r for r in pq.read_table(out_dir / "eval_bias.parquet").to_pylist() if r["n"]]
     parts, md = _summary_section(m)
-    for p, t in (_failure_section(m), (_examples_section(out_dir, m), []), _bias_section(m, bias), _nsfw_section(m)):
+    for p, t in (_failure_section(m), _coverage_section(out_dir, m), (_examples_section(out_dir, m), []),
+                 _bias_section(m, bias), _nsfw_section(m)):
         parts += p
         md += t
     parts += _gallery_section(out_dir, images)

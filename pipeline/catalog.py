@@ -21,12 +21,15 @@ SHARD_TABLES = {
     "downloads": lambda lay: [lay.download_parquet(i) for i in lay.finished_downloads()],
     "scores": lambda lay: [lay.score_parquet(i) for i in shard_ids(lay.scores, ".parquet")],
     "shards": lambda lay: [lay.selected_parquet(i) for i in shard_ids(lay.selected, ".parquet")],
+    # one file, or one per input part (a folder / glob of parts: pipeline/parts.py)
+    "input": lambda lay: lay.input_files(),
+    "refused": lambda lay: lay.refused_files(),  # URLs refused before any fetch (pipeline/urlguard.py)
 }
 # view name -> single file inside the run
 FILE_TABLES = {
-    "input": lambda lay: lay.input_file,
-    "refused": lambda lay: lay.refused_file,  # URLs refused before any fetch (pipeline/urlguard.py)
     "decisions": lambda lay: lay.decisions,
+    "coverage": lambda lay: lay.coverage_file,  # concept coverage (`curate coverage`, pipeline/coverage.py)
+    "coverage_rules": lambda lay: lay.coverage_rules_file,  # the same per dropping rule
 }
 
 

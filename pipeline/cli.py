@@ -129,6 +129,7 @@ def cmd_run(args) -> dict:
         ("shards written (skipped)", f"{w['shards']} ({w['skipped']})"),
         *[(f"{k} seconds", f"{v:.1f}") for k, v in r["seconds"].items()],
     ])
+    log.info("curation report: %s", r["report"])  # the last line `make filter` prints
     return {"written": r["funnel"]["written"]}
 
 
@@ -172,14 +173,38 @@ def cmd_eval(args) -> dict:
 
 
 def cmd_report(args) -> dict:
-    from t2i_curate.eval.evaluate import eval_dir
-    from t2i_curate.eval.report import build_report
+    """A run folder: its curation report; an eval folder: its eval report; neither given (--config /
+    --run): the run's curation report, and the config's eval report when the run was evaluated."""
+    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.run_report import build_run_report
 
     if args.eval_dir:
         folder = Path(args.eval_dir)
-    else:  # the config's eval tag, in --run DIR or the config's run folder
-        cfg = _config(args)
-        folder = _run_dir(args) / eval_dir(cfg).relative_to(cfg.run_dir)
+        if (folder / "metrics.json").exists():
+            return _eval_report(folder)
+        if not RunLayout(folder).decisions.exists():
+            raise UserError(f"curate report: expected a run folder (with selected/decisions.parquet) or an eval "
+                            f"folder (with metrics.json), got {folder}")
+        log.info("report: %s", build_run_report(folder))
+        return {}
+    from t2i_curate.eval.evaluate import eval_dir
+
+    cfg = _config(args)
+    run = _run_dir(args)
+    folder = run / eval_dir(cfg).relative_to(cfg.run_dir)  # the config's eval tag
+    if not RunLayout(run).decisions.exists() and not (folder / "metrics.json").exists():
+        raise UserError(f"curate report: {run} has neither a selection (run `curate run`) nor an eval of "
+                        f"{folder.name} (run `curate eval`)")
+    if RunLayout(run).decisions.exists():
+        log.info("report: %s", build_run_report(run))
+    if (folder / "metrics.json").exists():
+        _eval_report(folder)
+    return {}
+
+
+def _eval_report(folder: Path) -> dict:
+    from t2i_curate.eval.report import build_report
+
     paths = build_report(folder)
     log.info("report: %s, %s", *paths)
     return {}
@@ -207,6 +232,18 @@ def cmd_verify(args) -> dict:
     run = _run_dir(args)
     check_run(run)
     log.info("verify: %s is consistent (shards, parquet, manifest, accounting)", run)
+    return {}
+
+
+def cmd_coverage(args) -> dict:
+    """Concept coverage of a run (eval suites or --concepts FILE): report/coverage.parquet and a table."""
+    from t2i_curate.pipeline.coverage import print_coverage, resolve_run, write_coverage
+
+    given = args.run_dir or args.run
+    run = resolve_run(given, _config(args).runs_dir) if given else _config(args).run_dir
+    cov, rules = write_coverage(run, args.concepts, args.clip_threshold, args.chunk_rows)
+    print_coverage(cov.to_pylist(), rules.to_pylist())
+    log.info("coverage: %s (catalog views coverage, coverage_rules)", run / "report" / "coverage.parquet")
     return {}
 
 
@@ -301,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext)
         _common(sp)
         sp.set_defaults(fn=fn)
+    _more_parsers(sub)
+    return p
+
+
+def _more_parsers(sub) -> None:
+    """The commands besides the curation stages."""
     sp = sub.add_parser("weights", help="download the real model weights into the cache (needs internet); "
                         "builds the LAION NSFW detector files from its zips (no TensorFlow)")
     _common(sp, urls=False)
@@ -312,8 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--images", help="measure images made elsewhere in this folder instead of sampling")
     sp.add_argument("--prompts", help="with --images: jsonl/csv mapping each image file to its prompt and category")
     sp.set_defaults(fn=cmd_eval)
-    sp = sub.add_parser("report", help="rebuild report.html / report.md from saved eval files")
-    sp.add_argument("eval_dir", nargs="?", help="runs/<name>/eval/<tag> (default: from the config)")
+    sp = sub.add_parser("report", help="rebuild a run's curation report (report/index.html) or an eval's "
+                        "report.html / report.md from the saved files alone")
+    sp.add_argument("eval_dir", nargs="?", metavar="FOLDER",
+                    help="runs/<name> (curation report) or runs/<name>/eval/<tag> (eval report); "
+                    "default: the config's run and its eval, if any")
     _common(sp, urls=False)
     sp.add_argument("--run", help="run folder (default: from the config)")
     sp.set_defaults(fn=cmd_report)
@@ -325,19 +371,29 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sp, urls=False)
     sp.add_argument("--run", help="run folder (default: from the config)")
     sp.set_defaults(fn=cmd_verify)
+    sp = sub.add_parser("coverage", help="how much of a run covers each eval concept (caption words, CLIP "
+                        "retrieval), before and after selection, and which rule removed it")
+    sp.add_argument("run_dir", nargs="?", metavar="RUN", help="run folder or run name (default: from the config)")
+    _common(sp, urls=False)
+    sp.add_argument("--run", help="run folder (same as RUN)")
+    sp.add_argument("--concepts", help="jsonl/csv: concept, terms ('|'-separated) and/or prompt "
+                    "(default: every category and prompt of the eval suites)")
+    sp.add_argument("--clip-threshold", type=float, default=0.25,
+                    help="cosine (image, prompt) at which an image covers a concept (default 0.25, for ViT-L/14)")
+    sp.add_argument("--chunk-rows", type=int, default=65536, help="embeddings read at a time (bounds memory)")
+    sp.set_defaults(fn=cmd_coverage)
     sp = sub.add_parser("funnel", help="count written / dropped / failed samples of a run")
     _common(sp, urls=False)
     sp.add_argument("--run", help="run folder (default: from the config)")
     sp.set_defaults(fn=cmd_funnel)
     sp = sub.add_parser("query", help="run SQL over the run's catalog (views: input, downloads, scores, "
-                        "samples, decisions, funnel, shards)")
+                        "samples, decisions, funnel, shards, coverage, coverage_rules)")
     sp.add_argument("sql")
     _common(sp, urls=False)
     sp.add_argument("--run", help="run folder (default: from the config)")
     sp.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     sp.add_argument("--output", "-o", help="write to this file instead of stdout")
     sp.set_defaults(fn=cmd_query)
-    return p
 
 
 def setup_logging(verbose: bool) -> None:

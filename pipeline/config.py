@@ -37,6 +37,9 @@ class InputConfig(_Strict):
     # None: carry every other input column; a list: carry only those.
     extra_columns: list[str] | None = None
     demo_size: int = Field(600, ge=20)
+    # urls a folder or glob of parts (pipeline/parts.py): an unreadable part is listed in the funnel
+    # instead of stopping the run (not in the fingerprint: it never changes what is downloaded)
+    skip_bad_parts: bool = False
 
 
 class DownloadConfig(_Strict):
@@ -268,6 +271,9 @@ class EvalConfig(_Strict):
     # faces, hands and people found in every image (MediaPipe; ~40 img/s on one CPU core), for eval_judgements
     census: bool = True
     bias_reference: str | None = None  # csv: occupation, attribute, value, share
+    # the curated run the model was trained on (a run folder or a run name under runs_dir): the eval report
+    # shows its concept coverage (`curate coverage RUN`, pipeline/coverage.py) next to the failure rates
+    training_run: str | None = None
 
     @field_validator("fid_antialias")
     @classmethod
@@ -321,6 +327,7 @@ class RunConfig(_Strict):
         d = self.model_dump(mode="json", include={"input", "download"})
         for k in ("processes", "threads", "distributor"):
             d["download"].pop(k)
+        d["input"].pop("skip_bad_parts")  # parts: a folder / glob may grow; pipeline/parts.py checks each part
         if d["download"]["allow_private_addresses"] is None:  # unset: what the URL guard applies
             d["download"]["allow_private_addresses"] = self.input.urls == "demo"
         pre = [b for b in self.blocklists if b.kind in ("url", "domain")]

@@ -12,50 +12,37 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 from t2i_curate.pipeline.catalog import arrow
 from t2i_curate.pipeline.config import InputConfig, RunConfig
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.download_base import (  # noqa: F401 (re-exported: the stage's public names)
+    ALIASES,
+    IMG2DATASET_COLUMNS,
+    InputError,
+    _detect_format,
+    _img2dataset_kwargs,
+    _repair_utf8,
+    download_summary,
+    guard_settings,
+    normalise_input,
+    run_img2dataset,
+)
 from t2i_curate.pipeline.io import write_json, write_parquet
 from t2i_curate.pipeline.layout import RunLayout, shard_of_key
 from t2i_curate.pipeline.tars import read_samples, write_samples
 
 log = logging.getLogger(__name__)
 
-# Columns img2dataset writes; with every scorer's columns (filters.registry: `punsafe`,
-# `pwatermark`, ...; LAION's spellings of score columns are reserved that way), an input column
-# equal to one of these (ignoring case) is carried as ``input_<name>`` instead, so no two columns
-# differ only by case (DuckDB would rename one of them silently).
-IMG2DATASET_COLUMNS = {
-    "key", "url", "caption", "status", "error_message", "width", "height",
-    "original_width", "original_height", "exif", "md5", "sha256", "sha512",
-}
-ALIASES = {"aesthetic": "aesthetic_score"}  # LAION spellings of our columns
-
-
-class InputError(UserError):
-    """The URL list cannot be used; the message says what was expected."""
-
-
-def _detect_format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    name = path.name.lower()
-    for ext, f in ((".parquet", "parquet"), (".csv", "csv"), (".tsv", "tsv"),
-                   (".jsonl", "jsonl"), (".json", "jsonl")):
-        if name.endswith(ext):
-            return f
-    raise InputError(
-        f"{path}: cannot tell the input format from the name; expected .parquet, .csv, "
-        f".tsv or .jsonl, or set input.format"
-    )
-
 
 def read_url_list(path: Path, icfg: InputConfig):
-    """Read and validate a URL list into a pyarrow Table (columns renamed as stored)."""
+    """Read and validate a URL list into a pyarrow Table (columns renamed as stored). A folder or glob
+    of parts is only checked (schemas, pipeline/parts.py) and returned as a ``PartSet``, never read whole."""
+    from t2i_curate.pipeline.parts import discover_parts, is_multi
+
+    if is_multi(path):
+        return discover_parts(path, icfg)
     import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
@@ -101,64 +88,19 @@ def read_url_list(path: Path, icfg: InputConfig):
     return table
 
 
-def _repair_utf8(table, col: str, path: Path):
-    """Binary text (a CSV cell that is not valid UTF-8) -> strings with U+FFFD; count and warn."""
-    import pyarrow as pa
-
-    field = table.schema.field(col)
-    if not (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)):
-        return table
-    values = table[col].to_pylist()
-    bad = 0
-    fixed = []
-    for v in values:
-        if v is None:
-            fixed.append(None)
-            continue
-        try:
-            fixed.append(v.decode("utf-8"))
-        except UnicodeDecodeError:
-            bad += 1
-            fixed.append(v.decode("utf-8", errors="replace"))
-    if bad:
-        log.warning("%s: %d value(s) of column %r are not valid UTF-8; invalid bytes replaced by U+FFFD",
-                    path, bad, col)
-    return table.set_column(table.column_names.index(col), col, pa.array(fixed, type=pa.string()))
-
-
-def normalise_input(table, icfg: InputConfig):
-    """Pick and rename columns for img2dataset; return (table, extra column names)."""
-    keep_base = [icfg.url_col] + ([icfg.caption_col] if icfg.caption_col else [])
-    others = [c for c in table.column_names if c not in keep_base]
-    if icfg.extra_columns is not None:
-        missing = [c for c in icfg.extra_columns if c not in others]
-        if missing:
-            raise InputError(f"input.extra_columns: not in the input: {missing}; found {others}")
-        others = list(icfg.extra_columns)
-    from t2i_curate.filters.registry import score_columns
-
-    reserved = IMG2DATASET_COLUMNS | {c.lower() for c in score_columns()}
-    renamed, seen = [], {c.lower() for c in keep_base}
-    for c in others:
-        low = ALIASES.get(c.lower(), c.lower())
-        new = f"input_{low}" if low in reserved else c
-        if new.lower() in seen:
-            raise InputError(f"input column {c!r} collides with another column as {new!r}")
-        seen.add(new.lower())
-        renamed.append(new)
-    out = table.select(keep_base + others).rename_columns(keep_base + renamed)
-    if "input_row" in out.column_names:
-        raise InputError("the input has a column 'input_row', which the pipeline reserves; rename it")
-    # the row's position in the input: joins every result back to its input row
-    import pyarrow as pa
-
-    out = out.append_column("input_row", pa.array(range(out.num_rows), type=pa.int64()))
-    return out, renamed + ["input_row"]
-
-
 def prepare_input(run_dir: Path, url_path: Path, icfg: InputConfig, table=None) -> tuple[Path, list[str]]:
     """Validate the URL list (unless ``table`` is the validated list) and write the
-    normalised copy; return its path and the extra columns."""
+    normalised copy; return its path and the extra columns. Parts: check the recorded ones are unchanged,
+    return the folder of normalised parts (new parts are normalised by the download stage)."""
+    from t2i_curate.pipeline.parts import check_recorded, discover_parts, is_multi, load_manifest
+
+    if is_multi(url_path):
+        lay = RunLayout(run_dir)
+        man = load_manifest(lay)
+        if man is None:
+            raise InputError(f"{run_dir}: no input parts normalised yet; run `curate download` first")
+        check_recorded(man, table if table is not None else discover_parts(url_path, icfg))
+        return lay.input_dir, man["extras"]
     if table is None:
         table = read_url_list(url_path, icfg)
     table, extras = normalise_input(table, icfg)
@@ -167,65 +109,8 @@ def prepare_input(run_dir: Path, url_path: Path, icfg: InputConfig, table=None) 
     return out, extras
 
 
-def _img2dataset_kwargs(cfg: RunConfig, extras: list[str]) -> dict:
-    d = cfg.download
-    return dict(
-        image_size=d.image_size,
-        resize_mode=d.resize_mode,
-        resize_only_if_bigger=d.resize_only_if_bigger,
-        encode_format=d.encode_format,
-        encode_quality=d.encode_quality,
-        processes_count=d.processes,
-        thread_count=d.threads,
-        timeout=d.timeout,
-        retries=d.retries,
-        distributor=d.distributor,
-        number_sample_per_shard=d.samples_per_shard,
-        user_agent_token=d.user_agent_token,
-        disallowed_header_directives=d.disallowed_header_directives,
-        min_image_size=d.min_image_size,
-        max_aspect_ratio=d.max_aspect_ratio,
-        output_format="webdataset",
-        input_format="parquet",
-        url_col=cfg.input.url_col,
-        caption_col=cfg.input.caption_col,
-        save_additional_columns=extras or None,
-        compute_hash="sha256",
-        extract_exif=False,
-        enable_wandb=False,
-        oom_shard_count=5,
-        incremental_mode="incremental",
-    )
-
-
-def run_img2dataset(url_list: Path, output: Path, kwargs: dict, ray_cfg=None, max_pixels: int | None = None) -> None:
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    if max_pixels is not None:
-        # OpenCV reads it once per process, at its first decode: img2dataset's worker processes
-        # (spawned, or Ray workers via ensure_ray's runtime_env) inherit it and refuse an image
-        # whose header declares more pixels before allocating it (see TOO_MANY_PIXELS).
-        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
-    from img2dataset import download as i2d_download
-
-    if kwargs.get("distributor") == "ray":  # img2dataset's Ray distributor needs a connected cluster
-        from t2i_curate.pipeline.ray_executor import ensure_ray
-
-        ensure_ray(ray_cfg)
-    output.mkdir(parents=True, exist_ok=True)
-    # img2dataset prints its own progress to stdout; keep ours on the log.
-    i2d_download(url_list=str(url_list), output_folder=str(output), **kwargs)
-
-
 def expected_shards(n_rows: int, per_shard: int) -> int:
     return (n_rows + per_shard - 1) // per_shard
-
-
-def guard_settings(cfg: RunConfig):
-    """The download settings the URL guard applies: private addresses are allowed when the config says
-    so, or (``allow_private_addresses`` unset) for the built-in demo alone, never a user's list."""
-    allow = cfg.download.allow_private_addresses
-    return cfg.download.model_copy(update={"allow_private_addresses": cfg.input.urls == "demo" if allow is None
-                                           else allow})
 
 
 def split_refused(cfg: RunConfig, lay: RunLayout) -> tuple[Path, int, int]:
@@ -273,6 +158,10 @@ def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) ->
     """Download every unfinished shard; return counts. ``table``: the list, already validated."""
     import pyarrow.parquet as pq
 
+    from t2i_curate.pipeline.parts import PartSet, download_parts, is_multi
+
+    if isinstance(table, PartSet) or (table is None and is_multi(url_path)):
+        return download_parts(cfg, run_dir, url_path, table)
     lay = RunLayout(run_dir)
     _, extras = prepare_input(run_dir, url_path, cfg.input, table)
     fetch_path, n_refused, n_blocked = split_refused(cfg, lay)
@@ -288,19 +177,6 @@ def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) ->
     d = download_summary(lay)  # refused rows count as failed downloads; blocked ones as neither
     return {**d, "rows": d["rows"] + n_refused + n_blocked, "failed": d["failed"] + n_refused,
             "refused": n_refused, "blocked": n_blocked}
-
-
-def download_summary(lay: RunLayout) -> dict:
-    import duckdb
-
-    shards = lay.finished_downloads()
-    if not shards:
-        return {"shards": 0, "rows": 0, "success": 0, "failed": 0}
-    files = [str(lay.download_parquet(s)) for s in shards]
-    row = duckdb.connect().execute(
-        "SELECT count(*), count(*) FILTER (status = 'success') FROM read_parquet(?)", [files]
-    ).fetchall()[0]
-    return {"shards": len(shards), "rows": row[0], "success": row[1], "failed": row[0] - row[1]}
 
 
 def retry_failed(cfg: RunConfig, run_dir: Path, url_path: Path | None = None) -> dict:
@@ -323,8 +199,13 @@ def retry_failed(cfg: RunConfig, run_dir: Path, url_path: Path | None = None) ->
     if failed.num_rows == 0:
         return {"retried": 0, "recovered": 0}
     # Rows come from the current input (its URLs may have been refreshed), by input_row.
-    current = pq.read_table(lay.input_file)
-    rows = current.take(pa.array(failed["input_row"].to_pylist(), type=pa.int64()))
+    if lay.input_file.exists():
+        current = pq.read_table(lay.input_file)
+        rows = current.take(pa.array(failed["input_row"].to_pylist(), type=pa.int64()))
+    else:  # input parts: only the failed rows are read
+        from t2i_curate.pipeline.parts import read_input_rows
+
+        rows = read_input_rows(lay, failed["input_row"].to_pylist())
     retry_in = _allowed_only(cfg, rows.append_column("_orig_key", failed["key"]))
     if retry_in.num_rows == 0:
         return {"retried": 0, "recovered": 0}

@@ -55,6 +55,11 @@ def funnel(run_dir: Path, provenance: dict | None = None) -> dict[str, Any]:
         "tiny_models": bool(manifest.get("tiny_models", False)),
         "models": provenance or manifest.get("models", {}),
     }
+    from t2i_curate.pipeline.parts import skipped_parts
+
+    skipped = skipped_parts(lay)  # unreadable input parts skipped unread (rows unknown, not in `input`)
+    if skipped:
+        out["skipped_parts"] = skipped
     total = out["written"] + out["dropped"] + out["failed"]
     if total != n_input:
         raise AccountingError(
@@ -113,6 +118,8 @@ def funnel_markdown(f: dict[str, Any]) -> str:
         lines.append(f"| dropped | rule `{rule}` | {c} | {100 * c / n:.1f}% |")
     for r in f["failed_by_reason"]:
         lines.append(f"| failed | {r['stage']}: {r['error']} | {r['samples']} | {100 * r['samples'] / n:.1f}% |")
+    for p in f.get("skipped_parts", []):
+        lines.append(f"| skipped part | `{p['part']}`: {_short(p['error'] or '')} | unknown | |")
     lines.append("")
     lines.append(f"written + dropped + failed = {f['written'] + f['dropped'] + f['failed']} = input ({f['input']})")
     return "\n".join(lines) + "\n"

@@ -63,6 +63,45 @@ class RunLayout:
     def retry_dir(self) -> Path:
         return self.download / "_retry"
 
+    # --- input given as parts (a folder or glob; pipeline/parts.py): one file of each kind per part ---
+    @property
+    def input_dir(self) -> Path:
+        return self.download / "_input"
+
+    @property
+    def parts_manifest(self) -> Path:
+        """The parts this run has normalised (name, size, mtime, rows, fetch files), written after each."""
+        return self.input_dir / "_parts.json"
+
+    @property
+    def fetch_dir(self) -> Path:
+        """The folder handed to img2dataset: it numbers shards on across these files in name order."""
+        return self.download / "_fetch"
+
+    @property
+    def refused_dir(self) -> Path:
+        return self.download / "_refused"
+
+    def input_part(self, p: int) -> Path:
+        return self.input_dir / f"part-{shard_name(p)}.parquet"
+
+    def refused_part(self, p: int) -> Path:
+        return self.refused_dir / f"part-{shard_name(p)}.parquet"
+
+    def fetch_chunk(self, p: int, c: int) -> Path:
+        return self.fetch_dir / f"part-{shard_name(p)}-{c:04d}.parquet"
+
+    def input_files(self) -> list[Path]:
+        """Every normalised input file: the single list's, or one per part."""
+        if self.input_file.exists():
+            return [self.input_file]
+        return sorted(self.input_dir.glob("part-*.parquet")) if self.input_dir.is_dir() else []
+
+    def refused_files(self) -> list[Path]:
+        if self.refused_file.exists():
+            return [self.refused_file]
+        return sorted(self.refused_dir.glob("part-*.parquet")) if self.refused_dir.is_dir() else []
+
     def download_tar(self, n: int) -> Path:
         return self.download / f"{shard_name(n)}.tar"
 
@@ -116,6 +155,25 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def report_html(self) -> Path:
+        """The curation report (pipeline/run_report.py): one self-contained page."""
+        return self.report / "index.html"
+
+    @property
+    def coverage_file(self) -> Path:
+        """Concept coverage (pipeline/coverage.py): one row per concept and measure."""
+        return self.report / "coverage.parquet"
+
+    @property
+    def coverage_rules_file(self) -> Path:
+        """Concept coverage per dropping rule: one row per concept, measure and reason."""
+        return self.report / "coverage_rules.parquet"
+
+    def report_thumbs(self, px: int) -> Path:
+        """Cached report thumbnails (``<key>.jpg``) of one size, made once per run."""
+        return self.report / "thumbs" / str(px)
 
     @property
     def config(self) -> Path:

@@ -1,4 +1,4 @@
-"""``curate run``: every curation stage in order, then the catalog, the funnel and verify."""
+"""``curate run``: every curation stage in order, then the catalog, the funnel, verify and the report."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ def model_manifest(run: Path) -> dict[str, Any]:
 
 
 def run_curation(cfg: RunConfig) -> dict[str, Any]:
-    """Download, score, select, write; refresh the catalog, count the funnel, verify.
+    """Download, score, select, write; refresh the catalog, count the funnel, verify, build the report.
 
-    Returns the stage summaries, the funnel and each stage's seconds. Missing weights and bad
-    input stop it before any download.
+    Returns the stage summaries, the funnel, the curation report's path and each stage's seconds.
+    Missing weights and bad input stop it before any download.
     """
     from t2i_curate.filters.registry import preflight
     from t2i_curate.pipeline.catalog import refresh_catalog
@@ -58,4 +58,10 @@ def run_curation(cfg: RunConfig) -> dict[str, Any]:
     f = funnel(run)
     check_run(run)
     log.info("verify: %s is consistent (shards, parquet, manifest, accounting)", run)
-    return {"run": run, "download": d, "score": s, "select": sel, "write": w, "funnel": f, "seconds": times}
+    from t2i_curate.pipeline.run_report import build_run_report
+
+    t = time.perf_counter()
+    report = build_run_report(run)
+    times["report"] = time.perf_counter() - t
+    return {"run": run, "download": d, "score": s, "select": sel, "write": w, "funnel": f, "seconds": times,
+            "report": report}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -84,7 +85,7 @@ def prepare_run(cfg: RunConfig) -> Path:
 
 @contextlib.contextmanager
 def url_source(cfg: RunConfig) -> Iterator[Path]:
-    """The URL list to download: a user file, or the demo served on loopback."""
+    """The URL list to download: a user file, a folder or glob of parts, or the demo served on loopback."""
     if cfg.input.urls == "demo":
         from t2i_curate.pipeline.demo import serve_demo
 
@@ -93,8 +94,9 @@ def url_source(cfg: RunConfig) -> Iterator[Path]:
             yield path
         return
     path = Path(os.path.expanduser(cfg.input.urls))
-    if not path.is_file():
-        raise ConfigError(f"input.urls: expected a URL list file (parquet/csv/tsv/jsonl), got {path}: no such file")
+    if not (path.is_file() or path.is_dir() or glob.has_magic(str(path))):  # a folder / glob: parts.py
+        raise ConfigError(f"input.urls: {path}: no such file or folder; expected a URL list (parquet/csv/tsv/"
+                          f"jsonl), or a folder or glob of such parts")
     yield path
 
 

@@ -109,10 +109,10 @@ def _check_input_rows(lay: RunLayout, n_download_rows: int, problems: list[str])
     """Download result rows + rows refused before any fetch = input rows; return the input rows."""
     import pyarrow.parquet as pq
 
-    if not lay.input_file.exists():
+    if not lay.input_files():
         return 0
-    n_input = pq.read_metadata(lay.input_file).num_rows
-    n_refused = pq.read_metadata(lay.refused_file).num_rows if lay.refused_file.exists() else 0
+    n_input = sum(pq.read_metadata(p).num_rows for p in lay.input_files())  # one file, or one per part
+    n_refused = sum(pq.read_metadata(p).num_rows for p in lay.refused_files())
     if (n_download_rows or n_refused) and n_download_rows + n_refused != n_input:
         problems.append(f"download: {n_download_rows} result rows + {n_refused} refused URLs for {n_input} "
                         f"input rows")
