@@ -365,6 +365,46 @@ def step_decode_diff() -> dict:
     return {"seconds": 0.0, "items": len(exact), "rate": 0.0, "diff": diffs, "draft_px": draft}
 
 
+def _inputs_by_key(batches) -> dict:
+    out: dict = {}
+    for rows, inputs, errors in batches:
+        ok = [r["key"] for r in rows if r["key"] not in errors]
+        for name, v in inputs.items():
+            for j, k in enumerate(ok):
+                out.setdefault(k, {})[name] = v[j].cpu()
+    return out
+
+
+def step_decode_gpu() -> dict:
+    """``score.decode=gpu``'s code path run on the CPU (torchvision's decoder, no GPU) vs ``exact``, one thread,
+    on the photo shard's tensor-able inputs (CLIP, watermark): input difference per input, and img/s."""
+    import torch
+
+    from t2i_curate.pipeline.config import ScoreConfig
+    from t2i_curate.pipeline.decode import iter_decoded_batches
+    from t2i_curate.pipeline.gpu_decode import iter_gpu_batches, split_transforms
+
+    torch.set_num_threads(1)
+    tar = _photo_tar()
+    tr, _ = _scorer_transforms("exact")
+    tr = {k: tr[k] for k in split_transforms(tr)[0]}
+    rows, scfg = [{"key": f"{i:09d}"} for i in range(120)], ScoreConfig(batch_size=32)
+    t = time.perf_counter()
+    exact = _inputs_by_key(iter_decoded_batches(rows, tar, tr, scfg))
+    t_exact, t = time.perf_counter() - t, time.perf_counter()
+    gpu = _inputs_by_key(iter_gpu_batches(rows, tar, tr, scfg, device="cpu"))
+    t_gpu = time.perf_counter() - t
+    diff: dict = {}
+    for k, x in gpu.items():
+        for name, v in x.items():
+            d = (v - exact[k][name]).abs()
+            o = diff.setdefault(name.split(":")[0], {"max": 0.0, "sum": 0.0, "n": 0})
+            o["max"], o["sum"], o["n"] = max(o["max"], float(d.max())), o["sum"] + float(d.mean()), o["n"] + 1
+    diff = {k: {"max": v["max"], "mean": v["sum"] / v["n"]} for k, v in diff.items()}
+    return {"seconds": t_gpu, "items": len(gpu), "rate": len(gpu) / t_gpu, "exact_rate": len(exact) / t_exact,
+            "diff": diff, "device": "cpu"}
+
+
 def step_forward(n: int, shards: int) -> dict:
     """Baseline for the score stage: decode + the same models' forward passes, batch 32, no orchestration."""
     import torch
@@ -537,12 +577,13 @@ def _decode_figures(r: dict) -> None:
     r["decode_efficiency"] = ab(("decode_ours", {"decode": "exact"}), ("decode_min", {}))
     r["decode_fast"] = run_step("decode_ours", decode="fast")
     r["decode_diff"] = run_step("decode_diff")
+    r["decode_gpu"] = run_step("decode_gpu")  # the gpu mode's code on the CPU: no GPU figure
 
 
 STEPS = {"download": step_download, "decode": step_decode, "score": step_score, "real_sizes": step_real_sizes,
          "write": step_write, "tar_copy": step_tar_copy, "query": step_query, "sample": step_sample,
          "fid_features": step_fid_features, "bombs": step_bombs, "decode_ours": step_decode_ours,
-         "decode_min": step_decode_min, "decode_diff": step_decode_diff, "forward": step_forward,
+         "decode_min": step_decode_min, "decode_diff": step_decode_diff, "decode_gpu": step_decode_gpu, "forward": step_forward,
          "query_parts": step_query_parts, "score_replicated": step_score_replicated}
 
 
@@ -628,6 +669,10 @@ def table(r: dict) -> str:
         f">= {r['decode_diff']['draft_px']} px) {r['decode_fast']['rate']:.1f} img/s. Input difference fast vs "
         "exact (normalised units): " + "; ".join(f"{k} max {v['max']:.3f} / mean {v['mean']:.4f}" for k, v in dd.items())
         + ".",
+        f"- `gpu` decode mode's code run on the CPU (torchvision's JPEG decoder; no GPU figure was measured), one "
+        f"thread, CLIP + watermark inputs only: {r['decode_gpu']['rate']:.1f} img/s vs `exact` "
+        f"{r['decode_gpu']['exact_rate']:.1f} img/s. Input difference vs exact: " + "; ".join(
+            f"{k} max {v['max']:.3f} / mean {v['mean']:.5f}" for k, v in r["decode_gpu"]["diff"].items()) + ".",
         f"- Query (filter + group-by) with DuckDB: 10M rows in one file {r['query_duckdb']['seconds']:.2f} s "
         f"(pandas {r['query_pandas']['seconds']:.2f} s); {r['query_parts']['items'] / 1e6:.0f}M rows in 10 parquet "
         f"parts {r['query_parts']['seconds']:.2f} s, peak RSS {r['query_parts']['peak_rss_mb']:.0f} MB.",

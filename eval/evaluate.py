@@ -43,18 +43,16 @@ def _clip_bundle(name: str, mcfg, device: str = "cpu"):
     return bundle
 
 
-def _embed(bundle, images, prompts, device: str = "cpu", batch: int = 32):
+def _embed(bundle, images, prompts, batch: int = 32):
     """L2-normalised image and prompt embeddings (float32, CPU), in batches; images opened per batch."""
     import torch
 
     from t2i_curate.filters.clip import encode_images, encode_texts
-    from t2i_curate.pipeline.devices import model_dtype
 
     img_e, txt_e = [], []
-    for i in range(0, len(images), batch):
-        x = torch.stack([bundle.preprocess(im) for im in images[i : i + batch]]).to(device, model_dtype(device))
-        img_e.append(encode_images(bundle, x).cpu())
-        txt_e.append(encode_texts(bundle, prompts[i : i + batch], device).cpu())
+    for i in range(0, len(images), batch):  # encode_* move each batch to the model's device and dtype
+        img_e.append(encode_images(bundle, torch.stack([bundle.preprocess(im) for im in images[i : i + batch]])))
+        txt_e.append(encode_texts(bundle, prompts[i : i + batch]))
     return torch.cat(img_e), torch.cat(txt_e)
 
 
@@ -164,7 +162,7 @@ def _judgement_rows(tag: str, rows: list[dict], scores: list[float], columns: di
     for i, r in enumerate(rows):
         out.append({"model": tag, "image_id": r["image_id"], "file": r["file"], "prompt_id": r.get("prompt_id"),
                     "category": r["category"], "clip_score": scores[i],
-                    **{c: (None if v[i] is None else v[i]) for c, v in columns.items()}})
+                    **{c: v[i] for c, v in columns.items()}})
     return out
 
 
@@ -225,7 +223,7 @@ def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
     mcfg, device = eval_models(cfg), pick_device(cfg.eval.device)
     tiny = mcfg.preset == "tiny"
     bundle = _clip_bundle(cfg.eval.clip_score_model, mcfg, device)
-    img_emb, txt_emb = _embed(bundle, images, [r["prompt"] for r in rows], device)
+    img_emb, txt_emb = _embed(bundle, images, [r["prompt"] for r in rows])
     cos = clip_cosine(img_emb, txt_emb)
     scores = (100 * cos.clamp(min=0)).tolist()  # stats.clip_score: the paper's per-image clamp
     # CLIP, FID/KID, judges and bias open the images from disk, a batch (or one) at a time

@@ -3,8 +3,9 @@
 Per image it finds hands (palm detector + full hand landmark model, from ``mediapipe_models``), and flags
 the image when any of these proxies fires. None of them is validated against human labels here.
 
-(a) PROXY, low hand confidence: the lowest handedness score of the hands found (the landmark model's
-    confidence in the hand it sees) is below ``min_hand_score``. HandRefiner (arXiv 2311.17957) and
+(a) PROXY, low hand confidence: the lowest handedness score of the hands found is below
+    ``min_hand_score``. This is the landmark model's left/right classification confidence (never below
+    0.5), the only per-hand score MediaPipe's legacy solution exposes: not a hand-presence score. HandRefiner (arXiv 2311.17957) and
     "Annotated Hands for Generative Models" (arXiv 2401.15075) use MediaPipe's hand confidence as a
     measure of how hand-like a generated hand is. The palm detector's own score is recorded too
     (``hands_min_palm_score``) but not used: real hands in our photos score as low as 0.41 there.
@@ -80,7 +81,8 @@ class HandsJudge(Judge):
     validated = False
     description = (
         "MediaPipe Hands (palm detector + full hand landmark model, real weights). Flags an image when a "
-        "PROXY fires: (a) low hand confidence, the lowest handedness score of the hands found < "
+        "PROXY fires: (a) low hand confidence, the lowest handedness (left/right classification) score of the "
+        "hands found < "
         "min_hand_score (after HandRefiner, arXiv 2311.17957, and Annotated Hands, arXiv 2401.15075); "
         "(b) implausible joint-length ratios, a hand's Mean Joint Ratio Difference (mean relative "
         "difference of its 19 bone/palm length ratios, on 3D world landmarks, from reference ratios "

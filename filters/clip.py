@@ -113,20 +113,29 @@ def load_clip(name: str, mcfg: ModelsConfig, allow_download: bool = False) -> Cl
                       weight_digest(Path(path)))
 
 
+def _placement(bundle: ClipBundle):
+    """The device and dtype the model's weights are on (measure and the model bank move it to CUDA fp16)."""
+    p = next(bundle.model.parameters())
+    return p.device, p.dtype
+
+
 def encode_images(bundle: ClipBundle, x) -> Any:
-    """L2-normalised float32 image embeddings of a preprocessed batch (on the batch's device)."""
+    """L2-normalised float32 image embeddings, on the CPU, of a preprocessed batch (moved to the model's
+    device and dtype first, so a caller never has to know where the model is)."""
     import torch
 
+    device, dtype = _placement(bundle)
     with torch.inference_mode():
-        e = bundle.model.encode_image(x).float()
-    return torch.nn.functional.normalize(e, dim=-1)
+        e = bundle.model.encode_image(x.to(device, dtype)).float()
+    return torch.nn.functional.normalize(e, dim=-1).cpu()
 
 
-def encode_texts(bundle: ClipBundle, texts: list[str], device: str = "cpu") -> Any:
-    """L2-normalised float32 text embeddings (an empty string for a missing caption)."""
+def encode_texts(bundle: ClipBundle, texts: list[str]) -> Any:
+    """L2-normalised float32 text embeddings, on the CPU (an empty string for a missing caption); the
+    tokens go to the model's device."""
     import torch
 
-    tokens = bundle.tokenizer([t or "" for t in texts]).to(device)
+    tokens = bundle.tokenizer([t or "" for t in texts]).to(_placement(bundle)[0])
     with torch.inference_mode():
         e = bundle.model.encode_text(tokens).float()
-    return torch.nn.functional.normalize(e, dim=-1)
+    return torch.nn.functional.normalize(e, dim=-1).cpu()

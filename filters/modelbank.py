@@ -54,8 +54,8 @@ class ModelBank:
         memo = ("image_embedding", name)
         if memo not in batch.inputs:
             x = batch.inputs[self.input_key(name)].to(self.device, self.dtype)
-            batch.inputs[memo] = encode_images(self.clip(name), x).cpu()
+            batch.inputs[memo] = encode_images(self.clip(name), x)
         return batch.inputs[memo]
 
     def text_embedding(self, name: str, captions: list[str]):
-        return encode_texts(self.clip(name), captions, self.device).cpu()
+        return encode_texts(self.clip(name), captions)

@@ -24,9 +24,7 @@ above NudeNet's gender confusion: a man's bare chest can score about 0.45 as
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +62,11 @@ def model_path() -> Path:
     return Path(_package().__file__).parent / MODEL_FILE
 
 
-@cache
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The model file's sha256, hashed once per process while it is unchanged (pipeline/weights.py)."""
+    from t2i_curate.pipeline.weights import weight_digest
+
+    return weight_digest(path)
 
 
 def nudenet_version() -> str:

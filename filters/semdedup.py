@@ -14,7 +14,7 @@ Memory is bounded by ``chunk_rows``: the embeddings stay in their float16 ``.npy
 (memory-mapped) and are read ``chunk_rows`` at a time for every k-means pass (Lloyd's
 algorithm with the sums accumulated over chunks, so a pass over 2 chunks equals one pass over
 everything); the within-cluster step reads groups of whole clusters of about ``chunk_rows``
-rows. Resident: 24 bytes per candidate (shard, row, rank, cluster), ``k x d`` centroids, one
+rows. Resident: about 32 bytes per candidate (shard, row, rank, cluster, duplicate-of), ``k x d`` centroids, one
 chunk, and the largest cluster (a cluster bigger than ``chunk_rows`` is read whole).
 
 Cost: a k-means pass is ``n * k * d`` multiply-adds, the within-cluster step about

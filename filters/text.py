@@ -20,9 +20,8 @@ the cost per image with text).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +54,11 @@ def model_path(filename: str) -> Path:
     return Path(_package().__file__).parent / "models" / filename
 
 
-@cache
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The model file's sha256, hashed once per process while it is unchanged (pipeline/weights.py)."""
+    from t2i_curate.pipeline.weights import weight_digest
+
+    return weight_digest(path)
 
 
 def _threads() -> dict[str, int]:

@@ -202,15 +202,36 @@ def provenance(cfg) -> list[dict[str, Any]]:
 
 # --- before download: URL and domain lists ---------------------------------------------------
 
-def _url_hits(con, bl: LoadedList) -> set[int]:
+_MATCH_TABLES: dict[tuple, object] = {}  # per process: each list's match keys, computed once
+
+
+def _match_table(bl: LoadedList):
+    """The list as an Arrow table of match keys (``k``: normalised URLs; ``u``: hosts), built once per
+    process: a run calls :func:`blocked_urls` once per input batch, and a takedown list can be millions
+    of lines."""
+    import duckdb
     import pyarrow as pa
 
     from t2i_curate.filters.dedup import url_key_sql
+    from t2i_curate.pipeline.catalog import arrow
 
-    con.register("bl_list", pa.table({"u": pa.array(bl.entries, pa.string())}))
+    key = (str(bl.path), bl.sha256, bl.kind)
+    if key not in _MATCH_TABLES:
+        raw = pa.table({"u": pa.array(bl.entries, pa.string())})
+        if bl.kind == "url":
+            con = duckdb.connect()
+            con.register("raw", raw)
+            raw = arrow(con, f"SELECT DISTINCT {url_key_sql('u')} AS k FROM raw")
+            con.close()
+        _MATCH_TABLES[key] = raw
+    return _MATCH_TABLES[key]
+
+
+def _url_hits(con, bl: LoadedList) -> set[int]:
+    con.register("bl_list", _match_table(bl))
     try:
         if bl.kind == "url":
-            sql = f"SELECT DISTINCT i FROM bl_keys JOIN (SELECT {url_key_sql('u')} AS k FROM bl_list) USING (k)"
+            sql = "SELECT DISTINCT i FROM bl_keys JOIN bl_list USING (k)"
         else:  # the host and each of its parent domains, joined to the list
             sql = ("SELECT DISTINCT i FROM (SELECT i, array_to_string(p[x + 1:], '.') AS u FROM (SELECT i, p, "
                    "unnest(range(len(p))) AS x FROM (SELECT i, string_split(host, '.') AS p FROM bl_keys "
@@ -226,13 +247,16 @@ def blocked_urls(cfg, urls: list[str | None]) -> list[tuple[str, str] | None]:
     import pyarrow as pa
 
     from t2i_curate.filters.dedup import url_key_sql
+    from t2i_curate.pipeline.urlguard import fetch_form
 
     lists = [load(b) for b in cfg.blocklists if b.kind in PRE_DOWNLOAD]
     out: list[tuple[str, str] | None] = [None] * len(urls)
     if not lists or not urls:
         return out
+    # matched as urllib will fetch them: " http://evil.com" and full-width hosts are evil.com
+    fetched = [None if u is None else fetch_form(u) for u in urls]
     con = duckdb.connect()
-    con.register("bl_in", pa.table({"i": pa.array(range(len(urls)), pa.int64()), "u": pa.array(urls, pa.string())}))
+    con.register("bl_in", pa.table({"i": pa.array(range(len(urls)), pa.int64()), "u": pa.array(fetched, pa.string())}))
     con.execute(f"CREATE TEMP TABLE bl_keys AS SELECT i, k, rtrim(lower(regexp_extract(k, '{_HOST_OF_KEY}', 1)), "
                 f"'.') AS host FROM (SELECT i, {url_key_sql('u')} AS k FROM bl_in)")
     for bl in lists:

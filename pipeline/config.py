@@ -102,7 +102,9 @@ class ScoreConfig(_Strict):
     # "exact": full decode, then the reference transforms (LAION's scripts' inputs, to float rounding).
     # "fast": JPEG draft decoding to the smallest scale still >= the largest model input, then the
     # same transforms; faster on large JPEGs, inputs differ slightly (see bench/README.md).
-    decode: Literal["exact", "fast"] = "exact"
+    # "gpu": JPEGs decoded with nvJPEG and resized/cropped/normalised on the CUDA device; other images
+    # and other inputs as "exact" (pipeline/gpu_decode.py). Refused without CUDA.
+    decode: Literal["exact", "fast", "gpu"] = "exact"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_embeddings: bool = True
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -288,6 +290,10 @@ class RayConfig(_Strict):
     address: str | None = None  # an existing cluster ("auto", "ray://host:10001"); None starts a local one
     num_cpus: int | None = None  # CPUs of a local instance (None: all)
     gpus_per_worker: float = Field(0.0, ge=0)  # GPUs for each scoring / sampling task; fractions allowed
+    # score on a pool of model actors fed by CPU decode tasks (pipeline/ray_score.py, docs/cluster.md)
+    score_actors: bool = False
+    # model actors: None = the cluster's GPUs / gpus_per_worker (1 on a cluster without GPUs)
+    actors: int | None = Field(None, ge=1)
 
 
 class RunConfig(_Strict):

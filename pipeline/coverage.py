@@ -249,6 +249,10 @@ def text_clip(run_dir: Path, model: str):
     if not tiny and want and want != bundle.sha256:
         raise UserError(f"the embeddings of {run_dir} were made by {model} with weights sha256 {want}; "
                         f"the weights found now have sha256 {bundle.sha256}: point score.models at the same file")
+    if not tiny and not want:  # scored before provenance recorded the CLIP's sha256: say so in every output
+        log.warning("coverage: %s's scores record no sha256 for %s; the text side uses %s, unchecked against "
+                    "the image embeddings' weights", run_dir, model, bundle.sha256)
+        bundle.sha256 = f"{bundle.sha256} (unchecked: the scores record none)"
     return bundle
 
 
@@ -289,7 +293,7 @@ JOIN cov_reasons r ON r.reason IS NOT DISTINCT FROM ({REASON_SQL})""")
 def clip_counts(run_dir: Path, con, concepts: list[Concept], threshold: float,
                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Counts | None:
     """Images whose cosine to one of a concept's prompts is >= ``threshold``, streamed ``chunk_rows``
-    embeddings at a time (resident: one chunk, its similarities, 4 bytes per sample). None: no embeddings."""
+    embeddings at a time (resident: one chunk, its similarities, about 32 bytes per candidate (rank, shard, row, reason code) plus DuckDB's fetch copies). None: no embeddings."""
     from t2i_curate.filters.semdedup import saved_embeddings
 
     with_prompts = [c for c in concepts if c.prompts]

@@ -63,6 +63,8 @@ MANIFEST_VERSION = 1
 def is_multi(spec: str | Path) -> bool:
     """True when ``input.urls`` names a folder or a glob (parts), not one file."""
     s = os.path.expanduser(str(spec))
+    if Path(s).is_file():  # a file named like a glob ("urls[2].csv") is that file
+        return False
     return glob.has_magic(s) or Path(s).is_dir()
 
 
@@ -451,24 +453,36 @@ def _remove_part_files(lay: RunLayout, index: int) -> None:
             p.unlink()
 
 
+class PartReadError(Exception):
+    """A part's rows cannot be read (only reading: a failed write or a bug in processing propagates)."""
+
+
+def _reading(batches: Iterator) -> Iterator:
+    import pyarrow as pa
+
+    try:
+        yield from batches  # exceptions of the consumer's own work are raised in its frame, not here
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise PartReadError(f"{type(e).__name__}: {e}") from e
+
+
 def _stream(cfg: RunConfig, ps: PartSet, part: Part, first_row: int, w: _PartWriter, bar) -> int:
     dcfg = guard_settings(cfg)
     n = 0
-    for batch in iter_part(part, cfg.input, ps.source):
+    for batch in _reading(iter_part(part, cfg.input, ps.source)):
         t = normalise_batch(batch, ps, cfg.input, part, first_row, n)
         fetch, refused, n_blocked = split_batch(cfg, t, dcfg)
         w.write(t, fetch, refused, n_blocked)
         n += t.num_rows
         bar.update(t.num_rows)
     if part.rows is not None and n != part.rows:
-        raise ValueError(f"read {n} rows, but its footer says {part.rows}")
+        raise PartReadError(f"read {n} rows, but its footer says {part.rows}")
     return n
 
 
 def normalise_part(cfg: RunConfig, lay: RunLayout, ps: PartSet, part: Part, index: int, first_row: int,
                    bar) -> dict:
     """Normalise one part (streamed) and return its manifest entry."""
-    import pyarrow as pa
 
     entry = {"index": index, "name": part.name, "path": str(part.path), "format": part.fmt, "size": part.size,
              "mtime_ns": part.mtime_ns, "first_row": first_row, "status": "ok", "rows": part.rows,
@@ -480,9 +494,9 @@ def normalise_part(cfg: RunConfig, lay: RunLayout, ps: PartSet, part: Part, inde
     w = _PartWriter(lay, index, ps.schema, chunk)
     try:
         entry["rows"] = _stream(cfg, ps, part, first_row, w, bar)
-    except (pa.ArrowException, OSError, ValueError) as e:
+    except PartReadError as e:
         w.abort()
-        err = f"{type(e).__name__}: {e}"
+        err = str(e)
         if not cfg.input.skip_bad_parts:
             raise InputError(f"input part {part.path}: cannot read its rows ({err}); fix or remove it, or set "
                              f"input.skip_bad_parts: true to list it in the funnel and go on") from e

@@ -6,6 +6,9 @@ model stages). Ray reuses worker processes, and the per-process caches
 A worker that dies mid-shard is retried by Ray (``max_retries``), and the
 stage's own retry covers exceptions; outputs are written atomically, so a
 retried shard never duplicates a sample.
+
+With ``ray.score_actors`` the score stage does not come here: CPU decode tasks feed a pool of
+model actors instead (:mod:`.ray_score`).
 """
 
 from __future__ import annotations

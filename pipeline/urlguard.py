@@ -73,12 +73,34 @@ def is_private_host(host: str) -> bool:
     return not addr.is_global
 
 
+_IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})  # label separators IDNA maps to "."
+
+
+def fetch_form(url: str) -> str:
+    """``url`` as urllib will fetch it: surrounding spaces and control characters stripped, tabs and
+    newlines removed (``urlsplit`` drops them too), and a non-ASCII host NFKC-normalised with IDNA's
+    label separators, as the IDNA encoding urllib's resolver applies does: ``http://ｌｏｃａｌｈｏｓｔ/``
+    and ``http://１２７。０。０。１/`` are fetched as localhost and 127.0.0.1, so they are judged so."""
+    import unicodedata
+
+    u = str(url).strip("".join(map(chr, range(33)))).translate({9: None, 10: None, 13: None})
+    try:
+        parts = urlsplit(u)
+    except ValueError:
+        return u
+    if parts.netloc.isascii():
+        return u
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    host = unicodedata.normalize("NFKC", hostport).translate(_IDNA_DOTS).lower()
+    return parts._replace(netloc=f"{userinfo}{at}{host}").geturl()
+
+
 def url_refusal(url: str | None, dcfg) -> str | None:
     """None when ``url`` may be fetched under ``dcfg`` (a DownloadConfig), else the reason."""
     if url is None or not str(url).strip():
         return "refused: empty URL"
     try:
-        parts = urlsplit(str(url).strip())
+        parts = urlsplit(fetch_form(url))
         host = parts.hostname
     except ValueError as e:
         return f"refused: malformed URL ({e})"

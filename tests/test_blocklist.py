@@ -87,7 +87,9 @@ def test_url_and_domain_matching(tmp_path):
                           {"name": "d", "path": tmp_path / "d.txt", "kind": "domain"}])
     urls = {"http://example.com/a.jpg": "u", "http://example.com/a.jpg?x=1": None, "http://example.com/A.jpg": None,
             "http://sub.EVIL.com:8080/x": "d", "http://u:p@evil.com/": "d", "http://bad.org./y": "d",
-            "http://notevil.com/x": None, "http://evil.com.au/": None, "": None, "garbage": None, None: None}
+            "http://notevil.com/x": None, "http://evil.com.au/": None, "": None, "garbage": None, None: None,
+            # as urllib fetches them: surrounding space and tabs stripped, full-width host letters folded
+            " http://evil.com/x": "d", "\thttp://evil.com/": "d", "http://\uff45\uff56\uff49\uff4c.com/x": "d"}
     got = blocked_urls(cfg, list(urls))
     assert [g[0] if g else None for g in got] == [f"blocklist:{v}" if v else None for v in urls.values()]
 

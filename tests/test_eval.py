@@ -249,3 +249,20 @@ def test_bias_reference_file(tmp_path):
     p.write_text("occupation,attribute,value,share\nnurse,age,old,1\n")
     with pytest.raises(UserError, match="gender or skin_tone"):
         B.read_reference(p)
+
+
+def test_clip_users_follow_the_models_device_and_dtype():
+    """measure puts the eval CLIP on CUDA in fp16; encode_* move every input to where the model is, so the
+    judges, the bias audit and coverage never hand it CPU fp32 tensors (fp16 on the CPU stands in)."""
+    import torch
+
+    from t2i_curate.eval.judge_clip_contrast import ClipContrastJudge
+    from t2i_curate.filters.clip import encode_images, encode_texts, tiny_clip
+
+    b = tiny_clip("ViT-L-14/openai")
+    b.model.half()
+    img = encode_images(b, torch.rand(2, 3, 224, 224))
+    txt = encode_texts(b, ["a horse", "a cat"])
+    assert img.dtype == txt.dtype == torch.float32 and img.device.type == txt.device.type == "cpu"
+    p = ClipContrastJudge(bundle=b).p_fail_embeddings(img, "horses")
+    assert p.shape == (2,) and bool(((p >= 0) & (p <= 1)).all())

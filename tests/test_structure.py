@@ -74,9 +74,9 @@ def test_a_scorer_defined_anywhere_is_usable_by_rules(tmp_path):
         dec = pq.read_table(tmp_path / "t" / "selected" / "decisions.parquet").to_pylist()
         assert [(d["key"], d["rule"]) for d in dec] == [("000000000", "long_caption"), ("000000001", None)]
     finally:
-        from t2i_curate.pipeline import score
+        from t2i_curate.pipeline import shard_scoring
 
-        score._CACHE.clear()  # the per-process scorer cache holds an instance
+        shard_scoring._CACHE.clear()  # the per-process scorer cache holds an instance
         del CaptionLength
         gc.collect()
     assert "caption_length_test" not in scorer_classes()

@@ -48,6 +48,11 @@ TABLE = {
     "http://0x7f000001/x.jpg": PRIVATE,
     "http://0177.0.0.1/x.jpg": PRIVATE,
     "http://127.1/x.jpg": PRIVATE,
+    # urllib's resolver IDNA-encodes the host: full-width forms and ideographic dots are these addresses
+    "http://\uff11\uff12\uff17.\uff10.\uff10.\uff11/x.jpg": PRIVATE,
+    "http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/x.jpg": PRIVATE,
+    "http://127\u30020\u30020\u30021/x.jpg": PRIVATE,
+    " http://127.0.0.1/x.jpg": PRIVATE,  # urllib strips the space
     "http://0.0.0.0/x.jpg": PRIVATE,
     "http://10.1.2.3/x.jpg": PRIVATE,
     "http://172.20.0.1/x.jpg": PRIVATE,
