@@ -51,7 +51,7 @@ def census(rows: list[dict], paths: list[Path]) -> tuple[dict[str, list], dict[s
     from tqdm import tqdm
 
     from t2i_curate.eval import mediapipe_models
-    from t2i_curate.eval.vision import load_rgb, mediapipe_provenance, observe
+    from t2i_curate.eval.vision import mediapipe_provenance, observe_path
 
     cols: dict[str, list] = {"faces": [None] * len(rows), "hands": [None] * len(rows), "people": [None] * len(rows)}
     if not mediapipe_models.available():
@@ -59,7 +59,7 @@ def census(rows: list[dict], paths: list[Path]) -> tuple[dict[str, list], dict[s
         return cols, {"ran": False, "reason": f"MediaPipe not installed: {mediapipe_models.INSTALL}"}
     for i, path in enumerate(tqdm(paths, desc="census (faces, hands)", unit="img", leave=False)):
         try:
-            obs = observe(load_rgb(path), pose=False)
+            obs = observe_path(path, pose=False)  # what the hands judge saw, when it looked already
         except (OSError, ValueError) as e:
             log.warning("census: cannot read %s (%s)", path, e)
             continue

@@ -169,9 +169,30 @@ def load_rgb(path) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
+_SEEN: dict[tuple, Observation] = {}  # per process: (file, its size and mtime, settings) -> what was seen
+_SEEN_MAX = 4096  # a few MB: the hands judge's observations, reused by measure's census of every image
+
+
+def observe_path(path, **kwargs) -> Observation:
+    """:func:`observe` on an image file, remembered for the same file and settings (the census asks again
+    for the images the hands judge has just looked at). Raises OSError / ValueError for an unreadable file."""
+    import inspect
+    import os
+
+    settings = inspect.signature(observe).bind(None, **kwargs)
+    settings.apply_defaults()
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns, tuple(sorted(settings.kwargs.items())))
+    if key not in _SEEN:
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.pop(next(iter(_SEEN)))
+        _SEEN[key] = observe(load_rgb(path), **kwargs)
+    return _SEEN[key]
+
+
 def observe_rows(image_dir, rows: list[dict], **kwargs) -> list[Observation | None]:
-    """:func:`observe` on ``image_dir / row["file"]`` for each row; None for an image that cannot be read
-    (logged; the judge counts it as unknown). MediaPipe missing raises before any image is read."""
+    """:func:`observe_path` on ``image_dir / row["file"]`` for each row; None for an image that cannot be
+    read (logged; the judge counts it as unknown). MediaPipe missing raises before any image is read."""
     from pathlib import Path
 
     mediapipe_models.solutions()
@@ -179,12 +200,10 @@ def observe_rows(image_dir, rows: list[dict], **kwargs) -> list[Observation | No
     for row in rows:
         path = Path(image_dir) / row["file"]
         try:
-            rgb = load_rgb(path)
+            out.append(observe_path(path, **kwargs))
         except (OSError, ValueError) as e:
             log.warning("cannot read %s (%s); its judgement is unknown", path, e)
             out.append(None)
-            continue
-        out.append(observe(rgb, **kwargs))
     return out
 
 

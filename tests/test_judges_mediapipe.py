@@ -196,3 +196,18 @@ def test_missing_mediapipe_refuses_in_one_line(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         mediapipe_models.solutions.cache_clear()
+
+
+def test_census_reuses_what_the_hands_judge_saw(vision, tmp_path):
+    """The same file and settings are looked at once per process: measure's census of every image asks
+    again for the images the hands judge has just judged. A changed file is looked at again."""
+    from skimage import data
+
+    path = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    judged = vision.observe_rows(tmp_path, [{"file": "astronaut.png"}], pose=False, max_num_hands=4,
+                                 min_hand_detection=0.3)[0]
+    assert vision.observe_path(path, pose=False) is judged  # the census's call: the defaults are the same
+    assert vision.observe_path(path, pose=True) is not judged  # other settings: looked at again
+    Image.fromarray(data.astronaut()[:400]).save(path)
+    assert vision.observe_path(path, pose=False).height == 400  # the file changed: looked at again
