@@ -20,6 +20,16 @@ def shared():
     return SHARED
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance (2 CPUs) for one test module."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}})
+    yield
+    ray.shutdown()
+
+
 def curate(*args, check=True, **kw):
     """Run the CLI in a subprocess, as a user would; return the CompletedProcess. Commands that take a
     config get ``download.allow_private_addresses=true`` first (tests serve their URL lists on 127.0.0.1;
