@@ -36,6 +36,13 @@ SEMANTIC_RULE = "semantic_duplicate"
 _SIM_BLOCK = 1 << 22  # floats in one similarity block (16 MB)
 
 
+def _open_npy(path) -> np.ndarray:
+    """A memory map of a local ``.npy``; a remote one (object store) is read whole, one shard's worth."""
+    from t2i_curate.pipeline.io import is_remote, load_npy
+
+    return load_npy(path) if is_remote(path) else np.load(path, mmap_mode="r")
+
+
 @dataclass
 class Embeddings:
     """The candidates' embeddings, left on disk: candidate ``i`` is row ``rows[i]`` of
@@ -50,7 +57,7 @@ class Embeddings:
 
     @property
     def dim(self) -> int:
-        return int(np.load(self.files[0], mmap_mode="r").shape[1]) if self.files else 0
+        return int(_open_npy(self.files[0]).shape[1]) if self.files else 0
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         """float32, L2-normalised embeddings of candidates ``idx`` (in that order).
@@ -62,7 +69,7 @@ class Embeddings:
         for f in np.unique(src):
             at = np.flatnonzero(src == f)
             rows = self.rows[idx[at]]
-            mm = np.load(self.files[int(f)], mmap_mode="r")
+            mm = _open_npy(self.files[int(f)])
             if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
                 out[at] = mm[rows[0]:rows[-1] + 1]  # a contiguous span: one sequential read
             else:
@@ -216,11 +223,10 @@ def semantic_duplicates(emb: Embeddings, rank: np.ndarray, threshold: float, clu
 def _embedding_meta(score_parquet: Path) -> dict | None:
     import json
 
-    import pyarrow.parquet as pq
-
+    from t2i_curate.pipeline.io import read_schema
     from t2i_curate.pipeline.score import META_KEY
 
-    meta = pq.read_schema(score_parquet).metadata or {}
+    meta = read_schema(score_parquet).metadata or {}
     return json.loads(meta.get(META_KEY, b"{}")).get("embeddings")
 
 
@@ -229,7 +235,7 @@ def saved_embeddings(run_dir: Path) -> tuple[list[Path], list[Path], list[str]]:
     from t2i_curate.pipeline.io import shard_ids
     from t2i_curate.pipeline.layout import RunLayout
 
-    lay = RunLayout(Path(run_dir))
+    lay = RunLayout(run_dir)
     parquets, files, models = [], [], []
     for s in shard_ids(lay.scores, ".parquet"):
         meta = _embedding_meta(lay.score_parquet(s))

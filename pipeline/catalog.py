@@ -9,9 +9,10 @@ Views use absolute paths and are rebuilt whenever a stage finishes.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
-from t2i_curate.pipeline.io import atomic_path, shard_ids
+from t2i_curate.pipeline.io import as_path, atomic_path, duck_connect, is_remote, shard_ids, sql_path
 from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,12 @@ def arrow(con, sql: str, params: list | None = None):
 
 
 def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in paths) + "]"
+    return "[" + ", ".join("'" + sql_path(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
 def view_statements(run_dir: Path) -> list[str]:
     """CREATE VIEW statements for every table present in the run."""
-    lay = RunLayout(Path(run_dir))
+    lay = RunLayout(run_dir)
     stmts = []
     for view, paths in SHARD_TABLES.items():
         found = paths(lay)
@@ -99,29 +100,40 @@ def _eval_views(lay: RunLayout) -> list[str]:
 
 
 def open_run(run_dir: Path):
-    """In-memory DuckDB connection with the run's views."""
-    import duckdb
-
-    con = duckdb.connect()
+    """In-memory DuckDB connection with the run's views (a remote run's filesystem registered)."""
+    con = duck_connect(run_dir)
     for s in view_statements(run_dir):
         con.execute(s)
     return con
 
 
 def refresh_catalog(run_dir: Path) -> Path:
-    """(Re)write ``catalog.duckdb`` with views over the run's tables."""
-    import duckdb
+    """(Re)write ``catalog.duckdb`` with views over the run's tables.
 
-    run_dir = Path(run_dir)
+    A run on an object store gets the same file, built locally and uploaded: its views name
+    ``s3://...`` paths, which the DuckDB CLI reads with its httpfs extension (``curate query``
+    registers the fsspec filesystem instead, offline)."""
+    run_dir = as_path(run_dir)
     path = RunLayout(run_dir).catalog
-    with atomic_path(path) as tmp:
-        con = duckdb.connect(str(tmp))
-        try:
-            for s in view_statements(run_dir):
-                con.execute(s)
-        finally:
-            con.close()
-        wal = tmp.with_name(tmp.name + ".wal")
-        if wal.exists():
-            wal.unlink()
+    if not is_remote(path):
+        with atomic_path(path) as tmp:
+            _write_catalog(run_dir, tmp)
+        return path
+    with tempfile.TemporaryDirectory(prefix="t2i-catalog-") as d:
+        local = Path(d) / "catalog.duckdb"
+        _write_catalog(run_dir, local)
+        with atomic_path(path) as tmp:
+            tmp.fs.put_file(str(local), tmp.path)
     return path
+
+
+def _write_catalog(run_dir, db: Path) -> None:
+    con = duck_connect(run_dir, database=str(db))
+    try:
+        for s in view_statements(run_dir):
+            con.execute(s)
+    finally:
+        con.close()
+    wal = db.with_name(db.name + ".wal")
+    if wal.exists():
+        wal.unlink()

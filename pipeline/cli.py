@@ -249,9 +249,11 @@ def cmd_coverage(args) -> dict:
 
 def _run_dir(args) -> Path:
     """``--run DIR`` (every read-only command takes it; ``verify`` also as its positional), else the config's."""
+    from t2i_curate.pipeline.io import as_path
+
     given = getattr(args, "run", None) or getattr(args, "run_dir", None)
     if given:
-        run = Path(given)
+        run = as_path(given)
         if not run.is_dir():
             from t2i_curate.pipeline.runfolder import RunFolderError
 

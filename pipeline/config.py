@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.io import as_path
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -321,7 +322,8 @@ class RunConfig(_Strict):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
+        """``runs_dir/name``: a local path, or a ``UPath`` when ``runs_dir`` is an fsspec URL (``s3://...``)."""
+        return as_path(self.runs_dir) / self.name
 
     def fingerprint(self) -> str:
         """Hash of the settings that change downloads (not parallelism or paths).

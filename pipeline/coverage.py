@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.io import as_path, read_table
 from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,11 @@ def term_pattern(terms: tuple[str, ...]) -> str:
 
 def resolve_run(run: str | Path, runs_dir: str | Path | None = None) -> Path:
     """A run folder, or a run name under ``runs_dir``."""
-    p = Path(run)
+    p = as_path(run)
     if p.is_dir():
         return p
-    if runs_dir is not None and (Path(runs_dir) / str(run)).is_dir():
-        return Path(runs_dir) / str(run)
+    if runs_dir is not None and (as_path(runs_dir) / str(run)).is_dir():
+        return as_path(runs_dir) / str(run)
     raise UserError(f"run {run!s}: expected a run folder or a run name under {runs_dir or 'runs/'}; none found")
 
 
@@ -381,7 +382,7 @@ def compute_coverage(run_dir: str | Path, concepts: list[Concept] | None = None,
     """(coverage table, coverage_rules table) as pyarrow Tables; nothing is written."""
     from t2i_curate.pipeline.catalog import open_run
 
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     concepts = concepts if concepts is not None else suite_concepts()
     con = open_run(run_dir)
     try:
@@ -408,7 +409,7 @@ def write_coverage(run_dir: str | Path, concepts_file: str | Path | None = None,
     from t2i_curate.pipeline.catalog import refresh_catalog
     from t2i_curate.pipeline.io import write_parquet
 
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     if not -1 <= threshold <= 1 or chunk_rows < 1:
         raise UserError(f"coverage: expected a CLIP threshold in [-1, 1] and chunk rows >= 1, got {threshold} "
                         f"and {chunk_rows}")
@@ -424,13 +425,12 @@ def write_coverage(run_dir: str | Path, concepts_file: str | Path | None = None,
 
 def read_coverage(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """The saved coverage rows and rule rows ([] when ``curate coverage`` never ran)."""
-    import pyarrow.parquet as pq
 
-    lay = RunLayout(Path(run_dir))
+    lay = RunLayout(run_dir)
     if not lay.coverage_file.exists():
         return [], []
-    rules = pq.read_table(lay.coverage_rules_file).to_pylist() if lay.coverage_rules_file.exists() else []
-    return pq.read_table(lay.coverage_file).to_pylist(), rules
+    rules = read_table(lay.coverage_rules_file).to_pylist() if lay.coverage_rules_file.exists() else []
+    return read_table(lay.coverage_file).to_pylist(), rules
 
 
 def disproportionate(rules: list[dict], min_ratio: float = 1.5, min_concept: int = 20) -> list[dict]:

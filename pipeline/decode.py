@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.utils.data as tud
 
+from t2i_curate.pipeline.io import as_path
 from t2i_curate.pipeline.tars import IMAGE_EXTS, MISSING, iter_members
 
 MAX_PIXELS = 89_478_485  # as Pillow and download.max_image_pixels: a larger declared size is a bomb
@@ -49,7 +50,7 @@ class TarImages(tud.IterableDataset):
     """Iterates ``(key, tensors | None, error | None)`` for the wanted keys of one tar."""
 
     def __init__(self, tar_path: Path, keys: list[str], transforms: dict[str, Callable], draft: int | None = None):
-        self.tar_path = Path(tar_path)
+        self.tar_path = as_path(tar_path)
         self.keys = set(keys)
         self.transforms = transforms
         self.draft = draft

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 from t2i_curate.pipeline.catalog import arrow
@@ -29,7 +30,15 @@ from t2i_curate.pipeline.download_base import (  # noqa: F401 (re-exported: the 
     normalise_input,
     run_img2dataset,
 )
-from t2i_curate.pipeline.io import write_json, write_parquet
+from t2i_curate.pipeline.io import (
+    duck_connect,
+    is_remote,
+    read_metadata,
+    read_table,
+    sql_path,
+    write_json,
+    write_parquet,
+)
 from t2i_curate.pipeline.layout import RunLayout, shard_of_key
 from t2i_curate.pipeline.tars import read_samples, write_samples
 
@@ -119,12 +128,11 @@ def split_refused(cfg: RunConfig, lay: RunLayout) -> tuple[Path, int, int]:
     Rows a url / domain blocklist names (``pipeline/blocklist.py``) are refused too, with the list's
     rule in column ``rule`` (NULL for the URL guard's refusals): select drops them under that rule."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from t2i_curate.pipeline.blocklist import blocked_urls
     from t2i_curate.pipeline.urlguard import url_refusal
 
-    table = pq.read_table(lay.input_file)
+    table = read_table(lay.input_file)
     dcfg = guard_settings(cfg)
     urls = table[cfg.input.url_col].to_pylist()
     blocked = blocked_urls(cfg, urls)
@@ -156,7 +164,6 @@ def split_refused(cfg: RunConfig, lay: RunLayout) -> tuple[Path, int, int]:
 
 def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) -> dict:
     """Download every unfinished shard; return counts. ``table``: the list, already validated."""
-    import pyarrow.parquet as pq
 
     from t2i_curate.pipeline.parts import PartSet, download_parts, is_multi
 
@@ -166,7 +173,7 @@ def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) ->
     _, extras = prepare_input(run_dir, url_path, cfg.input, table)
     fetch_path, n_refused, n_blocked = split_refused(cfg, lay)
     out = lay.download
-    n_rows = pq.read_metadata(fetch_path).num_rows
+    n_rows = read_metadata(fetch_path).num_rows
     todo = expected_shards(n_rows, cfg.download.samples_per_shard) - len(lay.finished_downloads())
     if todo > 0:  # img2dataset would skip finished shards too, but only after starting its pool
         run_img2dataset(fetch_path, out, _img2dataset_kwargs(cfg, extras), cfg.ray, cfg.download.max_image_pixels)
@@ -185,22 +192,21 @@ def retry_failed(cfg: RunConfig, run_dir: Path, url_path: Path | None = None) ->
     Each affected shard's tar and parquet are rewritten atomically, keys kept.
     Returns ``{"retried": n, "recovered": m}``.
     """
-    import duckdb
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     lay = RunLayout(run_dir)
-    files = [str(lay.download_parquet(s)) for s in lay.finished_downloads()]
+    files = [sql_path(lay.download_parquet(s)) for s in lay.finished_downloads()]
     if not files:
         return {"retried": 0, "recovered": 0}
-    con = duckdb.connect()
+    con = duck_connect(lay.root)
     failed = arrow(con, "SELECT key, input_row FROM read_parquet(?) WHERE status <> 'success' ORDER BY key",
                    [files])
     if failed.num_rows == 0:
         return {"retried": 0, "recovered": 0}
     # Rows come from the current input (its URLs may have been refreshed), by input_row.
     if lay.input_file.exists():
-        current = pq.read_table(lay.input_file)
+        current = read_table(lay.input_file)
         rows = current.take(pa.array(failed["input_row"].to_pylist(), type=pa.int64()))
     else:  # input parts: only the failed rows are read
         from t2i_curate.pipeline.parts import read_input_rows
@@ -209,7 +215,8 @@ def retry_failed(cfg: RunConfig, run_dir: Path, url_path: Path | None = None) ->
     retry_in = _allowed_only(cfg, rows.append_column("_orig_key", failed["key"]))
     if retry_in.num_rows == 0:
         return {"retried": 0, "recovered": 0}
-    work = lay.retry_dir
+    # img2dataset's scratch output: inside the run folder locally, a local temporary folder for a remote run
+    work = Path(tempfile.mkdtemp(prefix="t2i-retry-")) if is_remote(lay.root) else lay.retry_dir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     pq.write_table(retry_in, work / "input.parquet")
@@ -274,9 +281,8 @@ def _merged_rows(old_rows: list[dict], names: list[str], rows: dict, new_samples
 def _merge_retry(lay: RunLayout, shard: int, rows: dict, new_samples: dict) -> int:
     """Rewrite shard ``shard`` with the successful retried rows; return how many."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    old = pq.read_table(lay.download_parquet(shard))
+    old = read_table(lay.download_parquet(shard))
     out_rows, additions = _merged_rows(old.to_pylist(), old.schema.names, rows, new_samples)
     if additions:
         # a sample a crashed earlier merge already added is not copied twice

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from t2i_curate.pipeline.config import InputConfig, RunConfig
 from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.io import duck_connect, sql_path
 from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -157,13 +158,11 @@ def guard_settings(cfg: RunConfig):
 
 
 def download_summary(lay: RunLayout) -> dict:
-    import duckdb
-
     shards = lay.finished_downloads()
     if not shards:
         return {"shards": 0, "rows": 0, "success": 0, "failed": 0}
-    files = [str(lay.download_parquet(s)) for s in shards]
-    row = duckdb.connect().execute(
+    files = [sql_path(lay.download_parquet(s)) for s in shards]
+    row = duck_connect(lay.root).execute(
         "SELECT count(*), count(*) FILTER (status = 'success') FROM read_parquet(?)", [files]
     ).fetchall()[0]
     return {"shards": len(shards), "rows": row[0], "success": row[1], "failed": row[0] - row[1]}

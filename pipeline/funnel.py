@@ -14,7 +14,7 @@ from typing import Any
 
 from t2i_curate.pipeline.catalog import open_run
 from t2i_curate.pipeline.errors import UserError
-from t2i_curate.pipeline.io import atomic_path, write_json
+from t2i_curate.pipeline.io import as_path, atomic_path, write_json
 from t2i_curate.pipeline.layout import RunLayout
 
 
@@ -23,7 +23,7 @@ class AccountingError(UserError):
 
 
 def funnel(run_dir: Path, provenance: dict | None = None) -> dict[str, Any]:
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     con = open_run(run_dir)
     n_input = con.execute("SELECT count(*) FROM input").fetchall()[0][0]
     by_state = dict(con.execute("SELECT state, count(*) FROM decisions GROUP BY state").fetchall())

@@ -1,4 +1,19 @@
-"""Atomic file writes and shard listing shared by every stage."""
+"""Paths that may live on an object store, atomic writes, and shard listing shared by every stage.
+
+A run folder is a local path or an fsspec URL (``s3://bucket/runs``, ``gs://...``, ``memory://...``).
+:func:`as_path` turns either into a path object: :class:`pathlib.Path` locally, a
+``universal_pathlib`` ``UPath`` on any fsspec filesystem, which offers the same methods
+(``/``, ``exists``, ``open``, ``glob``, ``iterdir``, ``stat``, ``unlink``). What pathlib cannot
+do for a remote path (pyarrow, DuckDB, renames) goes through the helpers here.
+
+Commit protocol: locally an output is written under a ``.tmp-`` name and renamed into place
+(atomic). An object store has no atomic rename: the output is written under a ``.tmp-`` key
+and moved to its final key (server-side copy, then delete of the temporary key); a PUT is
+atomic per object, so the final key is either absent or whole. A stage whose shard has more
+than one output writes its completion marker last (img2dataset's ``_stats.json``, the scores
+parquet after the embeddings, the selected parquet after the tar), readers trust only marked
+shards, and :func:`clean_tmp` deletes what a killed run left under ``.tmp-`` names.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +29,130 @@ from typing import Any
 TMP_MARK = ".tmp-"
 
 
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it over ``final`` on success.
+def is_url(spec: Any) -> bool:
+    """True for an fsspec URL of a non-local filesystem (``s3://``, ``gs://``, ``memory://``...)."""
+    s = str(spec)
+    return "://" in s and not s.startswith("file://")
 
-    A crash leaves only a ``.tmp-`` file that :func:`clean_tmp` removes and every
+
+def as_path(spec: Any):
+    """A local :class:`Path` (``~`` expanded), or a ``UPath`` for an fsspec URL; a path object is kept.
+
+    Remote listings are never cached: another process (img2dataset's workers, a Ray task) may
+    have written since the last look.
+    """
+    if is_url(spec):
+        from upath import UPath
+
+        if isinstance(spec, UPath):
+            return spec
+        return UPath(str(spec), use_listings_cache=False)
+    if isinstance(spec, Path):
+        return spec
+    s = str(spec)
+    return Path(os.path.expanduser(s[len("file://"):] if s.startswith("file://") else s))
+
+
+def is_remote(path: Any) -> bool:
+    return is_url(path)
+
+
+def sql_path(path: Any) -> str:
+    """The path as DuckDB reads it (absolute locally; the URL for a remote one, see :func:`duck_connect`)."""
+    p = as_path(path)
+    return str(p) if is_remote(p) else str(p.resolve())
+
+
+def duck_connect(*paths: Any, database: str = ":memory:"):
+    """A DuckDB connection that can read the given paths: fsspec filesystems of remote ones are registered.
+
+    DuckDB's own httpfs extension would have to be downloaded; registering the fsspec filesystem
+    works offline and with any fsspec protocol, credentials from the usual environment variables.
+    """
+    import duckdb
+
+    con = duckdb.connect(database)
+    seen: set[str] = set()
+    for p in paths:
+        p = as_path(p)
+        if is_remote(p) and p.protocol not in seen:
+            con.register_filesystem(p.fs)
+            seen.add(p.protocol)
+    return con
+
+
+def _arrow(path: Any) -> tuple[str, Any]:
+    """(path, pyarrow filesystem) for a pyarrow call: the fsspec filesystem wrapped for a remote path."""
+    p = as_path(path)
+    if not is_remote(p):
+        return str(p), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return p.path, PyFileSystem(FSSpecHandler(p.fs))
+
+
+def read_table(path: Any, **kw):
+    import pyarrow.parquet as pq
+
+    src, fs = _arrow(path)
+    return pq.read_table(src, filesystem=fs, **kw)
+
+
+def read_metadata(path: Any):
+    import pyarrow.parquet as pq
+
+    src, fs = _arrow(path)
+    return pq.read_metadata(src, filesystem=fs)
+
+
+def read_schema(path: Any):
+    import pyarrow.parquet as pq
+
+    src, fs = _arrow(path)
+    return pq.read_schema(src, filesystem=fs)
+
+
+def parquet_file(path: Any):
+    import pyarrow.parquet as pq
+
+    src, fs = _arrow(path)
+    return pq.ParquetFile(src, filesystem=fs)
+
+
+def parquet_writer(path: Any, schema, **kw):
+    """A ``pq.ParquetWriter`` on ``path`` (use it on an :func:`atomic_path` temporary)."""
+    import pyarrow.parquet as pq
+
+    src, fs = _arrow(path)
+    return pq.ParquetWriter(src, schema, filesystem=fs, **kw)
+
+
+def arrow_dataset(paths: list, **kw):
+    """A pyarrow dataset over parquet files that share one filesystem."""
+    import pyarrow.dataset as ds
+
+    pairs = [_arrow(p) for p in paths]
+    return ds.dataset([s for s, _ in pairs], filesystem=pairs[0][1] if pairs else None, format="parquet", **kw)
+
+
+def load_npy(path: Any):
+    import numpy as np
+
+    with as_path(path).open("rb") as f:
+        return np.load(f)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Any) -> Iterator[Any]:
+    """Yield a temporary path beside ``final``; move it over ``final`` on success.
+
+    A crash leaves only a ``.tmp-`` file (or key) that :func:`clean_tmp` removes and every
     reader ignores, never a half-written ``final``.
     """
-    final = Path(final)
+    final = as_path(final)
+    if is_remote(final):
+        yield from _atomic_remote(final)
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{final.name}")
     try:
@@ -35,21 +166,50 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_json(path: Path, obj: Any) -> None:
+def _atomic_remote(final) -> Iterator[Any]:
+    tmp = final.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{final.name}")
+    try:
+        yield tmp
+        final.fs.mv(tmp.path, final.path)  # a missing temporary raises, as os.replace does
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.fs.exists(tmp.path):
+                tmp.fs.rm(tmp.path)
+
+
+def replace(tmp: Any, final: Any) -> None:
+    """Move a finished temporary over its final name: ``os.replace`` locally, a move on an object store."""
+    tmp, final = as_path(tmp), as_path(final)
+    if is_remote(final):
+        final.fs.mv(tmp.path, final.path)
+    else:
+        os.replace(tmp, final)
+
+
+def write_json(path: Any, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_parquet(path: Path, table: Any) -> None:
+def write_parquet(path: Any, table: Any, **kw) -> None:
     """Write a pyarrow Table atomically."""
     import pyarrow.parquet as pq
 
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        src, fs = _arrow(tmp)
+        pq.write_table(table, src, filesystem=fs, **kw)
 
 
-def clean_tmp(folder: Path) -> int:
-    """Remove temporary files a killed run left behind; return how many."""
+def clean_tmp(folder: Any) -> int:
+    """Remove temporary files (or keys) a killed run left behind; return how many."""
+    folder = as_path(folder)
+    if is_remote(folder):
+        if not folder.fs.isdir(folder.path):
+            return 0
+        found = [f for f in folder.fs.find(folder.path) if f.rsplit("/", 1)[-1].startswith(TMP_MARK)]
+        if found:
+            folder.fs.rm(found)
+        return len(found)
     n = 0
     if not folder.is_dir():
         return 0
@@ -60,8 +220,21 @@ def clean_tmp(folder: Path) -> int:
     return n
 
 
-def shard_ids(folder: Path, suffix: str) -> list[int]:
+def remove_tree(folder: Any) -> None:
+    """Delete a folder (or every key under a prefix) if it is there."""
+    import shutil
+
+    folder = as_path(folder)
+    if is_remote(folder):
+        if folder.fs.exists(folder.path):
+            folder.fs.rm(folder.path, recursive=True)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def shard_ids(folder: Any, suffix: str) -> list[int]:
     """Numeric ids of files ``NNNNN<suffix>`` in ``folder`` (temporaries excluded)."""
+    folder = as_path(folder)
     if not folder.is_dir():
         return []
     out = []
@@ -74,18 +247,19 @@ def shard_ids(folder: Path, suffix: str) -> list[int]:
     return sorted(out)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Any, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
-def file_stamp(*paths: Path) -> str:
+def file_stamp(*paths: Any) -> str:
     """A cheap fingerprint (size + mtime) of input files, to detect rewritten inputs."""
     parts = []
     for p in paths:
-        st = Path(p).stat()
-        parts.append(f"{Path(p).name}:{st.st_size}:{st.st_mtime_ns}")
+        p = as_path(p)
+        st = p.stat()
+        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

@@ -7,10 +7,11 @@ start with the shard number, so ``shard_of_key`` is the inverse of its keying.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from t2i_curate.pipeline.io import shard_ids
+from t2i_curate.pipeline.io import as_path, is_remote, shard_ids
 
 SHARD_DIGITS = 5
 
@@ -26,18 +27,25 @@ def shard_of_key(key: str) -> int:
 
 
 def demo_dir(runs_dir: str | Path) -> Path:
-    """The built-in demo's generated images and URL list, shared by every run under ``runs_dir``."""
-    return Path(runs_dir) / "_demo"
+    """The built-in demo's generated images and URL list, shared by every run under ``runs_dir``.
+
+    They are served over HTTP from a local folder, so a run folder on an object store keeps them
+    in the local cache (``$XDG_CACHE_HOME/t2i_curate/demo``) instead.
+    """
+    if is_remote(runs_dir):
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return cache / "t2i_curate" / "demo"
+    return as_path(runs_dir) / "_demo"
 
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Paths of one run folder (``runs/<name>/``)."""
+    """Paths of one run folder (``runs/<name>/``): local paths, or ``UPath`` s on an fsspec URL (io.as_path)."""
 
     root: Path
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "root", as_path(self.root))
 
     # --- download (img2dataset's own output, plus our normalised input) ---
     @property

@@ -48,7 +48,7 @@ from t2i_curate.pipeline.download_base import (
     normalise_input,
     run_img2dataset,
 )
-from t2i_curate.pipeline.io import TMP_MARK, write_json
+from t2i_curate.pipeline.io import TMP_MARK, arrow_dataset, parquet_writer, replace, write_json
 from t2i_curate.pipeline.layout import RunLayout
 from t2i_curate.pipeline.runfolder import RunFolderError
 
@@ -400,12 +400,10 @@ class _PartWriter:
         self.n_refused = self.n_blocked = 0
 
     def _open(self, final: Path, schema):
-        import pyarrow.parquet as pq
-
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f"{TMP_MARK}{final.name}")
         self.tmps.append((tmp, final))
-        self.writers.append(pq.ParquetWriter(tmp, schema))
+        self.writers.append(parquet_writer(tmp, schema))
         return self.writers[-1]
 
     def write(self, table, fetch, refused, n_blocked: int) -> None:
@@ -432,7 +430,7 @@ class _PartWriter:
         for w in self.writers:
             w.close()
         for tmp, final in self.tmps:
-            os.replace(tmp, final)
+            replace(tmp, final)
 
     def abort(self) -> None:
         for w in self.writers:
@@ -606,9 +604,8 @@ def read_input_rows(lay: RunLayout, rows: list[int]):
     """The normalised input rows with these ``input_row`` values, in that order (retry-failed)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as ds
 
     wanted = pa.array(rows, type=pa.int64())
-    table = ds.dataset([str(p) for p in lay.input_files()], format="parquet").to_table(
+    table = arrow_dataset(lay.input_files()).to_table(
         filter=pc.field("input_row").isin(wanted))
     return table.take(pc.index_in(wanted, table["input_row"]))

@@ -79,7 +79,7 @@ def decode_shard(run_dir: str, scfg_json: str, shard: int, transforms: dict, dra
     """Ray generator: yield the shard's sorted success keys, then its decoded batches in key order."""
     # one CPU per task: decode scales by running more tasks, not DataLoader processes inside one
     scfg = ScoreConfig.model_validate_json(scfg_json).model_copy(update={"decode_workers": 0})
-    lay = RunLayout(Path(run_dir))
+    lay = RunLayout(run_dir)
     rows = success_rows(lay.download_parquet(shard))
     yield [r["key"] for r in rows]
     yield from shard_batches(rows, lay.download_tar(shard), transforms, scfg, draft)
@@ -129,7 +129,7 @@ class ActorScorer:
                  on_batch: Callable[[int, list], None] | None = None):
         import ray
 
-        self.cfg, self.lay, self.actors, self.meta = cfg, RunLayout(Path(run_dir)), actors, meta
+        self.cfg, self.lay, self.actors, self.meta = cfg, RunLayout(run_dir), actors, meta
         self.scfg_json = cfg.score.model_dump_json()
         self.settings = scorer_settings(cfg.score)
         self.transforms_ref = ray.put(meta["transforms"])

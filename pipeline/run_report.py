@@ -26,7 +26,7 @@ from typing import Any
 
 from t2i_curate.pipeline.catalog import open_run
 from t2i_curate.pipeline.errors import UserError
-from t2i_curate.pipeline.io import atomic_path
+from t2i_curate.pipeline.io import as_path, atomic_path
 from t2i_curate.pipeline.layout import RunLayout
 from t2i_curate.pipeline.thumbs import THUMB_PX, Embedder, ensure_thumbs
 
@@ -599,7 +599,7 @@ def build_run_report(run_dir: Path, max_bytes: int = DEFAULT_MAX_BYTES, per_buck
                      px: int = THUMB_PX) -> Path:
     """Write ``report/index.html`` for the run and return its path; thumbnails are cached in
     ``report/thumbs/<px>/`` and embedded only while the page stays under ``max_bytes``."""
-    run_dir = Path(run_dir)
+    run_dir = as_path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"expected a run folder, got {run_dir}: no such folder")
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import yaml
 
 from t2i_curate.pipeline.config import ConfigError, RunConfig, dump_config
 from t2i_curate.pipeline.errors import UserError
-from t2i_curate.pipeline.io import atomic_path, clean_tmp
+from t2i_curate.pipeline.io import as_path, atomic_path, clean_tmp, is_remote
 from t2i_curate.pipeline.layout import RunLayout, demo_dir
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def ensure_writable(folder: Path) -> Path:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not is_remote(folder):  # an object store has no folders (and a missing bucket is never created)
+            folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-probe"
         probe.write_text("ok")
         probe.unlink()
@@ -93,7 +94,7 @@ def url_source(cfg: RunConfig) -> Iterator[Path]:
         with serve_demo(demo, cfg.input.demo_size) as path:
             yield path
         return
-    path = Path(os.path.expanduser(cfg.input.urls))
+    path = as_path(cfg.input.urls)
     if not (path.is_file() or path.is_dir() or glob.has_magic(str(path))):  # a folder / glob: parts.py
         raise ConfigError(f"input.urls: {path}: no such file or folder; expected a URL list (parquet/csv/tsv/"
                           f"jsonl), or a folder or glob of such parts")
@@ -133,16 +134,22 @@ def _read_lock(path: Path) -> tuple[bytes | None, dict | None]:
 
 
 def _create_lock(path: Path, payload: bytes) -> bool:
-    """Create ``path`` holding ``payload`` if no file is there (atomic); False if one is."""
+    """Create ``path`` holding ``payload`` if no file is there (atomic); False if one is.
+
+    Exclusive create: O_EXCL locally, a conditional PUT (``If-None-Match: *``) on S3 (s3fs's mode "x").
+    """
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        f = path.open("xb")
     except FileExistsError:
         return False
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
             f.write(payload)
+    except FileExistsError:  # an object store checks the condition when the object is written
+        return False
     except BaseException:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink()
         raise
     return True
 
@@ -175,6 +182,14 @@ def _in_use(path: Path, holder: dict | None) -> str:
 
 def _take_over(path: Path, seen: bytes) -> bool:
     """Move the stale lock aside; if it is no longer the one judged stale (another taker won), put it back."""
+    if is_remote(path):  # no rename or link on an object store: remove it if it is still the stale one
+        try:
+            if path.read_bytes() != seen:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        return True
     aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
     try:
         os.rename(path, aside)
@@ -214,8 +229,8 @@ def run_lock(run_dir: Path, command: str) -> Iterator[Path]:
     The lock is JSON {host, pid, started, command}. One whose process is gone (same host, dead pid), or an
     unreadable one older than GARBAGE_STALE_S, is taken over with a warning; one from another host never is.
     """
-    run_dir = Path(run_dir)
-    created = not run_dir.exists()
+    run_dir = as_path(run_dir)
+    created = not is_remote(run_dir) and not run_dir.exists()
     ensure_writable(run_dir)
     path = RunLayout(run_dir).lock
     payload = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),

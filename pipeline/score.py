@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from t2i_curate.pipeline.config import RunConfig, ScoreConfig
-from t2i_curate.pipeline.io import file_stamp, shard_ids
+from t2i_curate.pipeline.io import file_stamp, read_schema, shard_ids
 from t2i_curate.pipeline.layout import RunLayout
 from t2i_curate.pipeline.shard_scoring import (  # noqa: F401 (re-exported: the stage's public names)
     META_KEY,
@@ -45,7 +45,7 @@ SHARDS_PER_PROCESS = 8  # a scoring process costs ~9 s to start (imports + model
 def score_shard(run_dir: str, scfg_json: str, shard: int) -> dict[str, int]:
     """Score one download shard; return counts. Runs inside a worker process."""
     scfg = ScoreConfig.model_validate_json(scfg_json)
-    lay = RunLayout(Path(run_dir))
+    lay = RunLayout(run_dir)
     src_parquet, src_tar, out = lay.download_parquet(shard), lay.download_tar(shard), lay.score_parquet(shard)
     stamp, settings = file_stamp(src_parquet, src_tar), scorer_settings(scfg)
     if shard_is_current(out, stamp, settings):
@@ -109,11 +109,10 @@ def score_stage(cfg: RunConfig, run_dir: Path, shards: list[int]) -> dict[str, i
 
 def read_provenance(run_dir: Path) -> dict[str, Any]:
     """Scorer provenance (model names, weights, tiny flag) from the first scores shard."""
-    import pyarrow.parquet as pq
 
-    lay = RunLayout(Path(run_dir))
+    lay = RunLayout(run_dir)
     ids = shard_ids(lay.scores, ".parquet")
     if not ids:
         return {}
-    meta = pq.read_schema(lay.score_parquet(ids[0])).metadata or {}
+    meta = read_schema(lay.score_parquet(ids[0])).metadata or {}
     return json.loads(meta.get(META_KEY, b"{}")).get("provenance", {})

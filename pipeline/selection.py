@@ -17,7 +17,7 @@ from t2i_curate.pipeline.blocklist import hash_rules
 from t2i_curate.pipeline.catalog import arrow, open_run
 from t2i_curate.pipeline.config import RunConfig
 from t2i_curate.pipeline.errors import UserError
-from t2i_curate.pipeline.io import write_parquet
+from t2i_curate.pipeline.io import sql_path, write_parquet
 from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -150,5 +150,5 @@ def select_stage(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
     write_parquet(decisions, table)
     counts = dict(con.execute(
         "SELECT state, count(*) FROM read_parquet(?) GROUP BY state",
-        [str(decisions)]).fetchall())
+        [sql_path(decisions)]).fetchall())
     return {s: counts.get(s, 0) for s in ("selected", "dropped", "failed")}

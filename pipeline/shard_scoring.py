@@ -14,7 +14,7 @@ from typing import Any
 
 from t2i_curate.filters.base import Batch
 from t2i_curate.pipeline.config import ScoreConfig
-from t2i_curate.pipeline.io import atomic_path, write_parquet
+from t2i_curate.pipeline.io import atomic_path, read_schema, read_table, write_parquet
 from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,10 @@ def scorer_settings(scfg: ScoreConfig) -> dict[str, Any]:
 
 
 def shard_is_current(out: Path, stamp: str, settings: dict) -> bool:
-    import pyarrow.parquet as pq
 
     if not out.exists():
         return False
-    meta = pq.read_schema(out).metadata or {}
+    meta = read_schema(out).metadata or {}
     try:
         info = json.loads(meta.get(META_KEY, b"{}"))
     except ValueError:
@@ -169,9 +168,8 @@ def shard_is_current(out: Path, stamp: str, settings: dict) -> bool:
 
 def success_rows(src_parquet: Path) -> list[dict]:
     """The download successes of one shard, in key order (the order every executor scores them in)."""
-    import pyarrow.parquet as pq
 
-    return sorted((r for r in pq.read_table(src_parquet).to_pylist() if r["status"] == "success"),
+    return sorted((r for r in read_table(src_parquet).to_pylist() if r["status"] == "success"),
                   key=lambda r: r["key"])
 
 
@@ -195,6 +193,5 @@ def commit_shard(lay: RunLayout, shard: int, info: dict[str, Any], columns: dict
 def save_npy(path: Path, array) -> None:
     import numpy as np
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.save(f, array)

@@ -12,13 +12,16 @@ name only when complete (:func:`~.io.atomic_path`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .io import atomic_path
+from .io import as_path, atomic_path, is_remote
+
+REMOTE_BLOCK = 16 << 20  # read-ahead for a tar on an object store: few requests per shard
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,17 @@ def safe_member_name(name: str) -> str | None:
     if any(p in ("", ".", "..") for p in parts):
         return None
     return name
+
+
+@contextlib.contextmanager
+def _open_tar(path):
+    """A tar opened for reading: by name locally, through fsspec (large read-ahead blocks) on an object store."""
+    if not is_remote(path):
+        with tarfile.open(path) as tf:
+            yield tf
+        return
+    with as_path(path).open("rb", block_size=REMOTE_BLOCK) as f, tarfile.open(fileobj=f) as tf:
+        yield tf
 
 
 def iter_members(path: Path, keys: set[str] | None = None, exts: Iterable[str] | None = None,
@@ -62,7 +76,7 @@ def iter_members(path: Path, keys: set[str] | None = None, exts: Iterable[str] |
         return key, ext
 
     try:
-        with tarfile.open(path) as tf:
+        with _open_tar(path) as tf:
             if not ordered:
                 for m in tf:
                     if (ke := wanted(m)) is not None:
@@ -100,7 +114,7 @@ def member_keys(path: Path, exts: Iterable[str] | None = None, errors: list[str]
     want_ext = {e.lower() for e in exts} if exts is not None else None
     keys: set[str] = set()
     try:
-        with tarfile.open(path) as tf:
+        with _open_tar(path) as tf:
             for m in tf:
                 name = safe_member_name(m.name)
                 key, _, ext = (name or "").partition(".")
@@ -124,11 +138,11 @@ def read_samples(path: Path, keys: set[str] | None = None, skip_exts: Iterable[s
 
 def write_samples(path: Path, samples: Iterable[tuple[str, Iterable[tuple[str, bytes]]]]) -> None:
     """Write ``(key, [(ext, bytes), ...])`` samples, in the given order, atomically."""
-    with atomic_path(path) as tmp:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for key, parts in samples:
-                for ext, data in parts:
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    # fixed mtime and mode: identical samples give byte-identical tars
-                    info.size, info.mode, info.mtime = len(data), 0o444, 0
-                    tf.addfile(info, io.BytesIO(data))
+    with atomic_path(path) as tmp, tmp.open("wb") as f, \
+            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, parts in samples:
+            for ext, data in parts:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                # fixed mtime and mode: identical samples give byte-identical tars
+                info.size, info.mode, info.mtime = len(data), 0o444, 0
+                tf.addfile(info, io.BytesIO(data))

@@ -52,7 +52,7 @@ def ensure_thumbs(run_dir: Path, keys: Iterable[str], px: int = THUMB_PX) -> set
 
     A key with no image in its download tar (a failed download, a damaged tar) has none.
     """
-    lay = RunLayout(Path(run_dir))
+    lay = RunLayout(run_dir)
     folder = lay.report_thumbs(px)
     wanted = _by_shard(keys)
     have = {k for ks in wanted.values() for k in ks if (folder / f"{k}.jpg").exists()}
@@ -83,7 +83,7 @@ class Embedder:
     """``data:`` URIs of cached thumbnails, until ``budget`` bytes of them have been handed out."""
 
     def __init__(self, run_dir: Path, available: set[str], budget: int, px: int = THUMB_PX) -> None:
-        self.folder = RunLayout(Path(run_dir)).report_thumbs(px)
+        self.folder = RunLayout(run_dir).report_thumbs(px)
         self.available = available
         self.budget = budget
         self.used = 0

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from t2i_curate.pipeline.errors import StageIncomplete
-from t2i_curate.pipeline.io import sha256_file, shard_ids
+from t2i_curate.pipeline.io import read_metadata, read_schema, read_table, sha256_file, shard_ids
 from t2i_curate.pipeline.layout import RunLayout, shard_name
 from t2i_curate.pipeline.tars import iter_members
 
@@ -40,10 +40,9 @@ def _tar_keys(path: Path, problems: list[str]) -> Counter:
 
 
 def _parquet_rows(path: Path, problems: list[str], columns: list[str]) -> list[dict]:
-    import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path, columns=columns).to_pylist()
+        return read_table(path, columns=columns).to_pylist()
     except Exception as e:  # any unreadable parquet is a problem to report, not a crash
         problems.append(f"{path}: unreadable parquet: {e}")
         return []
@@ -69,7 +68,7 @@ def _verify_downloads(lay: RunLayout, problems: list[str]) -> tuple[set[str], in
 
 
 def verify_run(run_dir: Path) -> list[str]:
-    lay = RunLayout(Path(run_dir))
+    lay = RunLayout(run_dir)
     problems: list[str] = []
     success, n_download_rows = _verify_downloads(lay, problems)
     scored: set[str] = set()
@@ -85,9 +84,8 @@ def verify_run(run_dir: Path) -> list[str]:
 
 
 def _check_decisions(lay: RunLayout, n_input: int, problems: list[str]) -> None:
-    import pyarrow.parquet as pq
 
-    has_dup = "duplicate_of" in pq.read_schema(lay.decisions).names
+    has_dup = "duplicate_of" in read_schema(lay.decisions).names
     dec = _parquet_rows(lay.decisions, problems, ["key", "state"] + (["duplicate_of"] if has_dup else []))
     states = Counter(d["state"] for d in dec)
     if len(dec) != n_input:
@@ -107,12 +105,11 @@ def _check_decisions(lay: RunLayout, n_input: int, problems: list[str]) -> None:
 
 def _check_input_rows(lay: RunLayout, n_download_rows: int, problems: list[str]) -> int:
     """Download result rows + rows refused before any fetch = input rows; return the input rows."""
-    import pyarrow.parquet as pq
 
     if not lay.input_files():
         return 0
-    n_input = sum(pq.read_metadata(p).num_rows for p in lay.input_files())  # one file, or one per part
-    n_refused = sum(pq.read_metadata(p).num_rows for p in lay.refused_files())
+    n_input = sum(read_metadata(p).num_rows for p in lay.input_files())  # one file, or one per part
+    n_refused = sum(read_metadata(p).num_rows for p in lay.refused_files())
     if (n_download_rows or n_refused) and n_download_rows + n_refused != n_input:
         problems.append(f"download: {n_download_rows} result rows + {n_refused} refused URLs for {n_input} "
                         f"input rows")

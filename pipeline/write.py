@@ -26,7 +26,7 @@ from t2i_curate.pipeline.blocklist import provenance
 from t2i_curate.pipeline.buckets import bucket_of_shard, manifest_info, shard_slices, with_buckets
 from t2i_curate.pipeline.catalog import arrow, open_run
 from t2i_curate.pipeline.config import RunConfig
-from t2i_curate.pipeline.io import sha256_file, shard_ids, write_json, write_parquet
+from t2i_curate.pipeline.io import read_schema, read_table, sha256_file, shard_ids, write_json, write_parquet
 from t2i_curate.pipeline.layout import RunLayout, shard_name, shard_of_key
 from t2i_curate.pipeline.tars import read_samples, write_samples
 
@@ -51,21 +51,16 @@ def write_plan(lay: RunLayout, meta, per_shard: int, slices: list[tuple[int, int
     (``slices``: each shard's (offset, rows) in ``meta`` when shards are cut per bucket)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from t2i_curate.pipeline.io import atomic_path
 
     shard = (pc.divide(pa.array(range(meta.num_rows), pa.int64()), per_shard) if slices is None
              else pa.array([i for i, (_, n) in enumerate(slices) for _ in range(n)], pa.int64()))
     meta = meta.append_column("plan_shard", shard)
-    with atomic_path(lay.selected / PLAN) as tmp:
-        pq.write_table(meta, tmp, row_group_size=per_shard)
+    write_parquet(lay.selected / PLAN, meta, row_group_size=per_shard)
 
 
 def _plan_rows(lay: RunLayout, shard: int) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(lay.selected / PLAN, filters=[("plan_shard", "=", shard)])
+    table = read_table(lay.selected / PLAN, filters=[("plan_shard", "=", shard)])
     return table.drop_columns(["plan_shard"]).to_pylist()
 
 
@@ -79,12 +74,11 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
 def shard_done(lay: RunLayout, shard: int, digest: str) -> bool:
     """The shard exists and was written from exactly these rows (same keys and the same scores:
     re-scoring with other models rewrites it even when the same samples are selected)."""
-    import pyarrow.parquet as pq
 
     pq_path, tar_path = lay.selected_parquet(shard), lay.selected_tar(shard)
     if not (pq_path.exists() and tar_path.exists()):
         return False
-    meta = pq.read_schema(pq_path).metadata or {}
+    meta = read_schema(pq_path).metadata or {}
     return meta.get(PLAN_DIGEST_KEY, b"").decode() == digest
 
 
@@ -110,7 +104,7 @@ def write_shard(run_dir: str, shard: int, rows: list[dict[str, Any]] | None = No
     return its manifest entry."""
     import pyarrow as pa
 
-    lay = RunLayout(Path(run_dir))
+    lay = RunLayout(run_dir)
     rows = _plan_rows(lay, shard) if rows is None else rows
     keys = [r["key"] for r in rows]
     digest = rows_digest(rows)

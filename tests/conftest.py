@@ -48,3 +48,37 @@ def small_demo_args(runs_dir, name="demo", n=60, extra=()):
     return ["--set", f"runs_dir={runs_dir}", "--set", f"name={name}", "--set", f"input.demo_size={n}",
             "--set", "download.samples_per_shard=20", "--set", "write.samples_per_shard=15",
             "--set", "download.processes=1", "--set", "download.threads=8", "--set", "workers=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def s3_store():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 for one test module, with the usual
+    AWS environment variables pointing at it (subprocesses inherit them); yields a fresh bucket's URL."""
+    s3fs = pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    import logging
+    import uuid
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    s3fs.S3FileSystem.clear_instance_cache()  # filesystems made before the endpoint was set must not be reused
+    bucket = f"t2i-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("s3", use_listings_cache=False).mkdir(bucket)
+    try:
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
