@@ -356,7 +356,7 @@ class RunConfig(_Strict):
 
 def resolve_preset(name_or_path: str) -> Path:
     """A path to an existing file, or a preset name from ``configs/``."""
-    p = Path(name_or_path)
+    p = as_path(name_or_path)  # a local file, or a config on an object store (a run folder's config.yaml)
     if p.is_file():
         return p
     for cand in (PRESET_DIR / name_or_path, PRESET_DIR / f"{name_or_path}.yaml"):

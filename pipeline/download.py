@@ -10,6 +10,7 @@ finished shards and merges the successes back under their original keys.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -31,6 +32,7 @@ from t2i_curate.pipeline.download_base import (  # noqa: F401 (re-exported: the 
     run_img2dataset,
 )
 from t2i_curate.pipeline.io import (
+    as_path,
     duck_connect,
     is_remote,
     read_metadata,
@@ -55,20 +57,22 @@ def read_url_list(path: Path, icfg: InputConfig):
     import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
-    import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = as_path(path)  # a UPath for an fsspec URL (s3://...): read through its filesystem
     if not path.exists():
         raise InputError(f"input.urls: {path} does not exist")
     fmt = _detect_format(path, icfg.format)
     try:
         if fmt == "parquet":
-            table = pq.read_table(path)
-        elif fmt in ("csv", "tsv"):
-            opts = pcsv.ParseOptions(delimiter="," if fmt == "csv" else "\t")
-            table = pcsv.read_csv(path, parse_options=opts)
+            table = read_table(path)
         else:
-            table = pjson.read_json(path)
+            with contextlib.ExitStack() as stack:
+                src = stack.enter_context(path.open("rb")) if is_remote(path) else path
+                if fmt in ("csv", "tsv"):
+                    opts = pcsv.ParseOptions(delimiter="," if fmt == "csv" else "\t")
+                    table = pcsv.read_csv(src, parse_options=opts)
+                else:
+                    table = pjson.read_json(src)
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(f"{path}: cannot read as {fmt}: {e}") from e
     cols = table.column_names

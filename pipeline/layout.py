@@ -33,9 +33,21 @@ def demo_dir(runs_dir: str | Path) -> Path:
     in the local cache (``$XDG_CACHE_HOME/t2i_curate/demo``) instead.
     """
     if is_remote(runs_dir):
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return cache / "t2i_curate" / "demo"
+        return cache_home() / "demo"
     return as_path(runs_dir) / "_demo"
+
+
+def cache_home() -> Path:
+    """This machine's cache folder for t2i_curate (``$XDG_CACHE_HOME/t2i_curate``, default ``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "t2i_curate"
+
+
+def local_cache(kind: str, run_root) -> Path:
+    """A local folder for what a run on an object store keeps on this machine (``kind``: thumbs, eval...):
+    one folder per run URL, so a rerun here finds it again."""
+    import hashlib
+
+    return cache_home() / kind / hashlib.sha256(str(run_root).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -180,7 +192,11 @@ class RunLayout:
         return self.report / "coverage_rules.parquet"
 
     def report_thumbs(self, px: int) -> Path:
-        """Cached report thumbnails (``<key>.jpg``) of one size, made once per run."""
+        """Cached report thumbnails (``<key>.jpg``) of one size, made once per run. A run on an object store
+        keeps them on this machine (the page embeds them; one small object per thumbnail would cost a
+        request each)."""
+        if is_remote(self.root):
+            return local_cache("thumbs", self.root) / str(px)
         return self.report / "thumbs" / str(px)
 
     @property

@@ -1,5 +1,10 @@
 """LAION-style input: a folder or glob of URL-list parts, checked before any work, then streamed.
 
+The parts may be local or on an object store: ``input.urls`` may be an fsspec URL of a folder
+(``s3://bucket/laion/``) or a glob (``s3://bucket/laion/*.parquet``), listed with the store's own
+filesystem (``fs.glob`` / ``fs.ls``), stamped by its size and last-modified time, and read by pyarrow
+through the fsspec filesystem (parquet: footer, then row groups; CSV / JSONL: one streamed file object).
+
 ``discover_parts(spec, icfg)`` lists the parts (a folder: its files of one format, sorted by name; a glob:
 its matches) and reads each one's schema only (a parquet footer; a CSV / JSONL first block). Parts that
 disagree on the URL or caption column (missing, another type), or on the other carried columns, are
@@ -29,10 +34,12 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import math
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +55,17 @@ from t2i_curate.pipeline.download_base import (
     normalise_input,
     run_img2dataset,
 )
-from t2i_curate.pipeline.io import TMP_MARK, arrow_dataset, parquet_writer, replace, write_json
+from t2i_curate.pipeline.io import (
+    TMP_MARK,
+    arrow_dataset,
+    as_path,
+    is_remote,
+    parquet_file,
+    parquet_writer,
+    read_metadata,
+    replace,
+    write_json,
+)
 from t2i_curate.pipeline.layout import RunLayout
 from t2i_curate.pipeline.runfolder import RunFolderError
 
@@ -61,7 +78,12 @@ MANIFEST_VERSION = 1
 
 
 def is_multi(spec: str | Path) -> bool:
-    """True when ``input.urls`` names a folder or a glob (parts), not one file."""
+    """True when ``input.urls`` names a folder or a glob (parts), not one file; local or an fsspec URL."""
+    if is_remote(spec):
+        p = as_path(spec)
+        if p.is_file():
+            return False
+        return glob.has_magic(str(p)) or p.is_dir()
     s = os.path.expanduser(str(spec))
     if Path(s).is_file():  # a file named like a glob ("urls[2].csv") is that file
         return False
@@ -70,7 +92,7 @@ def is_multi(spec: str | Path) -> bool:
 
 @dataclass
 class Part:
-    path: Path
+    path: Path  # a UPath for a part on an object store
     name: str  # relative to the folder / the glob's base: recorded as ``input_file``
     fmt: str
     size: int
@@ -101,6 +123,8 @@ class PartSet:
 
 def find_parts(spec: str | Path, fmt: str = "auto") -> list[tuple[Path, str]]:
     """The part files of a folder (one format, sorted) or a glob (sorted), with their names."""
+    if is_remote(spec):
+        return _find_remote_parts(spec, fmt)
     s = os.path.expanduser(str(spec))
     if glob.has_magic(s):
         base = Path(s.split("*")[0].split("?")[0].split("[")[0])
@@ -122,6 +146,41 @@ def find_parts(spec: str | Path, fmt: str = "auto") -> list[tuple[Path, str]]:
     return [(p, str(p.relative_to(base)) if p.is_relative_to(base) else str(p)) for p in files]
 
 
+def _find_remote_parts(spec, fmt: str) -> list:
+    """:func:`find_parts` on an object store: the store's listing (``fs.glob`` / ``fs.ls``), names relative
+    to the folder / the glob's base (the glob's text before its first wildcard, up to the last ``/``)."""
+    root = as_path(spec)
+    fs, s = root.fs, root.path
+    if glob.has_magic(s):
+        head = s[: min(s.find(c) for c in "*?[" if c in s)]
+        base = head.rstrip("/") if head.endswith("/") else posixpath.dirname(head)
+        found = fs.glob(s, detail=True)
+        keys = sorted(k for k, info in found.items() if info.get("type") == "file")
+        if not keys:
+            raise InputError(f"input.urls: the glob {str(root)!r} matches no file")
+    else:
+        base = s.rstrip("/")
+        listed = fs.ls(base, detail=True)
+        keys = sorted(e["name"] for e in listed if e.get("type") == "file"
+                      and not posixpath.basename(e["name"]).startswith((".", "_")))
+        known = {k: _format_or_none(as_path(fs.unstrip_protocol(k)), fmt) for k in keys}
+        formats = sorted({f for f in known.values() if f})
+        if not formats:
+            raise InputError(f"input.urls: folder {root} holds no .parquet, .csv, .tsv or .jsonl file")
+        if len(formats) > 1:
+            raise InputError(f"input.urls: folder {root} mixes formats {formats}; expected parts of one format "
+                             f"(set input.format, or use a glob such as {str(root).rstrip('/')}/*.parquet)")
+        keys = [k for k in keys if known[k]]
+    return [(as_path(fs.unstrip_protocol(k)), k[len(base) + 1:] if base and k.startswith(base + "/") else k)
+            for k in keys]
+
+
+def _stamp(path) -> tuple[int, int]:
+    """(size, mtime_ns) of a part: ``os.stat`` locally, the store's size and last-modified time remotely."""
+    st = path.stat()
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
 def _format_or_none(path: Path, fmt: str) -> str | None:
     try:
         found = _detect_format(path, "auto")
@@ -133,11 +192,10 @@ def _format_or_none(path: Path, fmt: str) -> str | None:
 def _read_schema(part: Part, icfg: InputConfig) -> None:
     """Fill ``part.schema`` (and rows, for parquet) from the footer / first block, or ``part.error``."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
         if part.fmt == "parquet":
-            meta = pq.read_metadata(part.path)
+            meta = read_metadata(part.path)
             part.rows, part.schema = meta.num_rows, meta.schema.to_arrow_schema()
         else:
             with _open_text(part, icfg) as reader:
@@ -197,8 +255,7 @@ def discover_parts(spec: str | Path, icfg: InputConfig) -> PartSet:
 
     parts = []
     for path, name in find_parts(spec, icfg.format):
-        st = path.stat()
-        parts.append(Part(path, name, _detect_format(path, icfg.format), st.st_size, st.st_mtime_ns))
+        parts.append(Part(path, name, _detect_format(path, icfg.format), *_stamp(path)))
     for p in parts:
         _read_schema(p, icfg)
         if p.error and not icfg.skip_bad_parts:
@@ -247,30 +304,35 @@ def _normalised_schema(ref: Part, ps: PartSet, icfg: InputConfig):
 # --- streaming ---------------------------------------------------------------------------------
 
 
-def _open_text(part: Part, icfg: InputConfig, names: list[str] | None = None):
-    """A streaming reader of a CSV / TSV / JSONL part (URL and caption read as bytes, repaired later)."""
+@contextlib.contextmanager
+def _open_text(part: Part, icfg: InputConfig, names: list[str] | None = None) -> Iterator:
+    """A streaming reader of a CSV / TSV / JSONL part (URL and caption read as bytes, repaired later); a
+    remote part is read from one file object of its store, closed with the reader."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
 
     block = 1 << 20
-    if part.fmt == "jsonl":
-        return pjson.open_json(part.path, read_options=pjson.ReadOptions(block_size=block))
-    parse = pcsv.ParseOptions(delimiter="," if part.fmt == "csv" else "\t")
-    types = {}
-    if names is not None:  # every column a string (one schema across blocks and parts), text as bytes
-        types = {n: pa.string() for n in names}
-        types.update({c: pa.binary() for c in (icfg.url_col, icfg.caption_col) if c in names})
-    return pcsv.open_csv(part.path, read_options=pcsv.ReadOptions(block_size=block), parse_options=parse,
-                         convert_options=pcsv.ConvertOptions(column_types=types))
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(part.path.open("rb")) if is_remote(part.path) else part.path
+        if part.fmt == "jsonl":
+            reader = pjson.open_json(src, read_options=pjson.ReadOptions(block_size=block))
+        else:
+            parse = pcsv.ParseOptions(delimiter="," if part.fmt == "csv" else "\t")
+            types = {}
+            if names is not None:  # every column a string (one schema across blocks and parts), text as bytes
+                types = {n: pa.string() for n in names}
+                types.update({c: pa.binary() for c in (icfg.url_col, icfg.caption_col) if c in names})
+            reader = pcsv.open_csv(src, read_options=pcsv.ReadOptions(block_size=block), parse_options=parse,
+                                   convert_options=pcsv.ConvertOptions(column_types=types))
+        with reader:
+            yield reader
 
 
 def iter_part(part: Part, icfg: InputConfig, columns: list[str]) -> Iterator:
     """Record batches of ``columns`` of one part, at most ``BATCH_ROWS`` rows each."""
-    import pyarrow.parquet as pq
-
     if part.fmt == "parquet":
-        pf = pq.ParquetFile(part.path)
+        pf = parquet_file(part.path)
         yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=columns)
         return
     with _open_text(part, icfg, part.schema.names) as reader:

@@ -142,6 +142,8 @@ def _create_lock(path: Path, payload: bytes) -> bool:
         f = path.open("xb")
     except FileExistsError:
         return False
+    except (ValueError, NotImplementedError) as e:  # a filesystem without exclusive create
+        return _create_lock_racy(path, payload, e)
     try:
         with f:
             f.write(payload)
@@ -152,6 +154,15 @@ def _create_lock(path: Path, payload: bytes) -> bool:
             path.unlink()
         raise
     return True
+
+
+def _create_lock_racy(path: Path, payload: bytes, why: Exception) -> bool:
+    """Best effort where the filesystem cannot create exclusively: absent, write, read back our own bytes."""
+    log.warning("%s: this filesystem has no exclusive create (%s); the run lock is best effort", path, why)
+    if path.exists():
+        return False
+    path.write_bytes(payload)
+    return path.read_bytes() == payload
 
 
 def _stale_reason(path: Path, holder: dict | None) -> str | None:
