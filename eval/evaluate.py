@@ -4,6 +4,12 @@ Reads ``eval/<tag>/eval_images.parquet`` and the PNGs; writes
 ``metrics.json`` and the parquet tables ``eval_metrics``, ``eval_failures``,
 ``eval_bias`` (and adds per-image columns to ``eval_images``), all of which the
 run's catalog registers.
+
+A run folder on an object store (``runs_dir=s3://...``) is evaluated in a local staging folder,
+``$XDG_CACHE_HOME/t2i_curate/eval/<run>/<tag>`` (:func:`staging_dir`; a rerun on the same machine
+resumes there), by the same code as a local run; the finished folder is then uploaded to the run's
+``eval/<tag>`` (:func:`publish`), ``metrics.json`` last: it marks a complete eval folder, and the
+catalog reads only eval folders that have it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from t2i_curate.eval.stats import (
     clip_score_torchmetrics,
 )
 from t2i_curate.pipeline.config import RunConfig
-from t2i_curate.pipeline.io import write_json, write_parquet
+from t2i_curate.pipeline.io import TMP_MARK, as_path, atomic_path, is_remote, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 # columns measure adds to eval_images (older eval folders also have the bias ones); stripped when re-measuring.
@@ -277,7 +283,8 @@ def _empty_bias(tag: str) -> dict:
 
 
 def eval_dir(cfg: RunConfig) -> Path:
-    """``runs/<name>/eval/<tag>``; the tag defaults to the model name made file-safe."""
+    """``runs/<name>/eval/<tag>``; the tag defaults to the model name made file-safe (a ``UPath`` when the
+    run is on an object store: see :func:`work_dir` for where eval writes)."""
     from t2i_curate.pipeline.layout import RunLayout
 
     source = f"images-{Path(cfg.eval.images).resolve().name}" if cfg.eval.images else cfg.eval.model.strip("/")
@@ -285,17 +292,70 @@ def eval_dir(cfg: RunConfig) -> Path:
     return RunLayout(cfg.run_dir).eval_dir(tag)
 
 
-def run_eval(cfg: RunConfig) -> dict[str, Any]:
-    """``curate eval``: sample the model over the suites, measure, report, register the tables.
+def staging_root(run_dir) -> Path:
+    """The local folder where the evals of a run on an object store are made (``layout.local_cache``:
+    ``$XDG_CACHE_HOME/t2i_curate/eval/<first 16 hex of sha256 of the run URL>``, default ``~/.cache``)."""
+    from t2i_curate.pipeline.layout import local_cache
 
-    Returns ``metrics.json``'s content plus ``seconds`` per step and the ``report`` path.
-    """
-    import time
+    return local_cache("eval", as_path(run_dir))
 
-    from t2i_curate.eval.report import build_report
-    from t2i_curate.eval.sampler import sample
-    from t2i_curate.eval.suites import load_suites
-    from t2i_curate.pipeline.catalog import refresh_catalog
+
+def staging_dir(run_dir, tag: str) -> Path:
+    """The local staging folder of eval ``tag`` of a remote run (see :func:`staging_root`)."""
+    return staging_root(run_dir) / tag
+
+
+def work_dir(cfg: RunConfig) -> Path:
+    """Where eval samples, measures and reports: the eval folder itself, or its local staging folder
+    when the run is on an object store."""
+    final = eval_dir(cfg)
+    return staging_dir(cfg.run_dir, final.name) if is_remote(final) else final
+
+
+def local_eval_folder(folder) -> Path:
+    """An eval folder as a local path: a remote one (``s3://.../runs/<name>/eval/<tag>``) maps to its
+    staging folder on this machine, which must hold the finished eval (its ``metrics.json``)."""
+    folder = as_path(folder)
+    if not is_remote(folder):
+        return folder
+    local = staging_dir(folder.parent.parent, folder.name)
+    if not (local / "metrics.json").exists():
+        from t2i_curate.pipeline.errors import UserError
+
+        raise UserError(f"{folder} is on an object store and this machine has no finished copy of it in its "
+                        f"staging folder {local}: run `curate eval` for that run here (it stages there, then "
+                        f"uploads), or download the folder and pass the local copy")
+    return local
+
+
+def publish(local: Path, remote) -> int:
+    """Upload every file of the staging folder ``local`` to the remote eval folder; return how many.
+
+    The remote ``metrics.json`` is removed first and uploaded last (the completion marker: the catalog
+    reads only eval folders that have it); remote files the staging folder no longer has are removed.
+    Each file goes to a temporary key, then to its final key (io.atomic_path)."""
+    remote = as_path(remote)
+    marker = remote / "metrics.json"
+    if marker.exists():
+        marker.unlink()
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
+                   if p.is_file() and not p.name.startswith(TMP_MARK))
+    files.sort(key=lambda name: name == "metrics.json")  # stable: the marker last
+    root = remote.path.rstrip("/")
+    if remote.fs.isdir(root):
+        stale = [k for k in remote.fs.find(root) if k[len(root) + 1:] not in files]
+        if stale:
+            remote.fs.rm(stale)
+    for name in files:
+        with atomic_path(remote / name) as tmp:
+            tmp.fs.put_file(str(local / name), tmp.path)
+    log.info("eval: uploaded %d files from %s to %s", len(files), local, remote)
+    return len(files)
+
+
+def _check_run(cfg: RunConfig) -> None:
+    """Refuse before any work: no curated shards for ``eval.reference=run``, or a bad judge setting."""
+    from t2i_curate.eval.judge import configured_judges
     from t2i_curate.pipeline.layout import RunLayout
 
     if cfg.eval.reference == "run" and not RunLayout(cfg.run_dir).manifest.exists():
@@ -303,10 +363,26 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
 
         raise StageOrderError(f"eval.reference=run but {cfg.run_dir} has no curated shards: run `make filter` "
                               f"(curate run) first, or set eval.reference to a folder")
-    from t2i_curate.eval.judge import configured_judges
-
     configured_judges(cfg.eval.judges, None, {}, cfg.eval.judge_options)  # a bad judge setting: refused now
-    out = eval_dir(cfg)
+
+
+def run_eval(cfg: RunConfig) -> dict[str, Any]:
+    """``curate eval``: sample the model over the suites, measure, report, register the tables.
+
+    Returns ``metrics.json``'s content plus ``seconds`` per step, the ``report`` path (local: in the
+    staging folder for a run on an object store) and the ``eval_dir``.
+    """
+    import time
+
+    from t2i_curate.eval.report import build_report
+    from t2i_curate.eval.sampler import sample
+    from t2i_curate.eval.suites import load_suites
+    from t2i_curate.pipeline.catalog import refresh_catalog
+
+    _check_run(cfg)
+    final, out = eval_dir(cfg), work_dir(cfg)
+    if out != final:
+        log.info("eval: %s is on an object store; working in %s, uploaded when finished", final, out)
     t = time.perf_counter()
     external = None
     if cfg.eval.images:  # images made elsewhere: measured as they are
@@ -322,8 +398,13 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
         sample(cfg.eval, prompts, out, executor=cfg.executor, workers=cfg.workers, ray_cfg=cfg.ray)
     seconds = {"sample": time.perf_counter() - t}
     t = time.perf_counter()
-    m = measure(cfg, cfg.run_dir, out)
+    m = measure(cfg, cfg.run_dir, out)  # writes metrics.json: the catalog's eval views need it
     seconds["measure"] = time.perf_counter() - t
     html_path, _ = build_report(out)
+    if out != final:
+        t = time.perf_counter()
+        publish(out, final)
+        seconds["upload"] = time.perf_counter() - t
     refresh_catalog(cfg.run_dir)
-    return {**m, "seconds": seconds, "report": str(html_path), "input_problems": external}
+    return {**m, "seconds": seconds, "report": str(html_path), "eval_dir": str(final),
+            "input_problems": external}

@@ -108,8 +108,9 @@ def update_metrics(metrics: list, images: Iterable, protocol_name: str, real: bo
     return n
 
 
-def iter_reference_images(source: str, run_dir: Path, limit: int) -> Iterator[tuple[str, Any]]:
-    """``(id, PIL image)`` from the run's curated shards, a folder of images, or tar files."""
+def iter_reference_images(source: str, run_dir: Any, limit: int) -> Iterator[tuple[str, Any]]:
+    """``(id, PIL image)`` from the run's curated shards (``run_dir`` local or on an object store: its tars
+    are read through fsspec), a local folder of images, or local tar files."""
     import glob
 
     from PIL import Image
@@ -306,7 +307,7 @@ def _batches(items: Iterable, size: int):
         yield batch
 
 
-def reference_cache_key(source: str, run_dir: Path, spec: dict, limit: int) -> str:
+def reference_cache_key(source: str, run_dir: Any, spec: dict, limit: int) -> str:
     """Keyed by what the reference statistics depend on: the images, their number, the features,
     and how images are decoded and resized before the features."""
     import torchmetrics
@@ -321,7 +322,7 @@ def reference_cache_key(source: str, run_dir: Path, spec: dict, limit: int) -> s
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _reference_features(fid, kid, ecfg, run_dir: Path, cache: Path) -> int:
+def _reference_features(fid, kid, ecfg, run_dir: Any, cache: Path) -> int:
     """Reference statistics into ``fid`` and ``kid``: from the cache, or computed and cached. Returns N."""
     import torch
 
@@ -350,9 +351,9 @@ def _reference_features(fid, kid, ecfg, run_dir: Path, cache: Path) -> int:
     return n_ref
 
 
-def fid_kid(ecfg, mcfg, tiny: bool, run_dir: Path, generated: list, cache_dir: Path) -> dict[str, Any]:
+def fid_kid(ecfg, mcfg, tiny: bool, run_dir: Any, generated: list, cache_dir: Path) -> dict[str, Any]:
     """FID and KID of ``generated`` (image paths, or PIL images) against the reference set, with the
-    protocol. Paths are opened 32 at a time and dropped after their features are taken."""
+    protocol. ``run_dir`` may be on an object store; ``cache_dir`` is local (torch.load / torch.save). Paths are opened 32 at a time and dropped after their features are taken."""
     spec = feature_spec(ecfg, tiny)
     key = reference_cache_key(ecfg.reference, run_dir, spec, ecfg.max_reference)
     fid, kid = build_fid_kid(ecfg, mcfg, tiny, n_min=len(generated))

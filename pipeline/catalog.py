@@ -87,10 +87,12 @@ def view_statements(run_dir: Path) -> list[str]:
 
 
 def _eval_views(lay: RunLayout) -> list[str]:
-    """Eval tables (eval/<tag>/<table>.parquet) across every evaluated model."""
+    """Eval tables (eval/<tag>/<table>.parquet) across every evaluated model: only folders with their
+    ``metrics.json``, written (or uploaded) after the tables, so an unfinished eval is never read."""
     stmts = []
+    finished = {m.parent.name for m in lay.eval.glob("*/metrics.json")}
     for table in ("eval_images", "eval_judgements", "eval_metrics", "eval_failures", "eval_bias"):
-        files = sorted(lay.eval.glob(f"*/{table}.parquet"))
+        files = sorted(f for f in lay.eval.glob(f"*/{table}.parquet") if f.parent.name in finished)
         if files:
             stmts.append(
                 f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM "

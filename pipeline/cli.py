@@ -179,7 +179,9 @@ def cmd_report(args) -> dict:
     from t2i_curate.pipeline.run_report import build_run_report
 
     if args.eval_dir:
-        folder = Path(args.eval_dir)
+        from t2i_curate.pipeline.io import as_path
+
+        folder = as_path(args.eval_dir)  # local, or on an object store
         if (folder / "metrics.json").exists():
             return _eval_report(folder)
         if not RunLayout(folder).decisions.exists():
@@ -203,9 +205,17 @@ def cmd_report(args) -> dict:
 
 
 def _eval_report(folder: Path) -> dict:
+    """Rebuild an eval's report; one on an object store is rebuilt from its local staging folder (refused,
+    naming that folder, when this machine has none) and the two report files uploaded."""
+    from t2i_curate.eval.evaluate import local_eval_folder
     from t2i_curate.eval.report import build_report
+    from t2i_curate.pipeline.io import atomic_path, is_remote
 
-    paths = build_report(folder)
+    paths = build_report(local_eval_folder(folder))
+    if is_remote(folder):
+        for p in paths:
+            with atomic_path(folder / p.name) as tmp:
+                tmp.fs.put_file(str(p), tmp.path)
     log.info("report: %s, %s", *paths)
     return {}
 
@@ -215,8 +225,10 @@ def cmd_compare(args) -> dict:
     import json
 
     from t2i_curate.eval.fid import check_comparable
+    from t2i_curate.pipeline.io import as_path
 
-    ms = [json.loads((Path(p) / "metrics.json" if Path(p).is_dir() else Path(p)).read_text()) for p in args.evals]
+    paths = [as_path(p) for p in args.evals]  # local, or on an object store (read through fsspec)
+    ms = [json.loads((p / "metrics.json" if p.is_dir() else p).read_text()) for p in paths]
     for m in ms[1:]:
         check_comparable(ms[0]["fid_protocol"], m["fid_protocol"])
     rows = [(m["tag"], f"FID {m['fid']:.2f} | KID {m['kid_mean']:.4f} | CLIP {m['clip_score']:.2f} | "

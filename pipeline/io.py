@@ -232,14 +232,20 @@ def remove_tree(folder: Any) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def shard_ids(folder: Any, suffix: str) -> list[int]:
-    """Numeric ids of files ``NNNNN<suffix>`` in ``folder`` (temporaries excluded)."""
+def file_names(folder: Any) -> set[str]:
+    """Names of the entries of ``folder`` (empty if it is absent): one listing, also on a store (one
+    LIST request per 1,000 keys instead of a HEAD per file)."""
     folder = as_path(folder)
     if not folder.is_dir():
-        return []
+        return set()
+    return {p.name for p in folder.iterdir()}
+
+
+def shard_ids(folder: Any, suffix: str, names: set[str] | None = None) -> list[int]:
+    """Numeric ids of files ``NNNNN<suffix>`` in ``folder`` (temporaries excluded); ``names``: its
+    listing, when the caller has it already."""
     out = []
-    for p in folder.iterdir():
-        name = p.name
+    for name in file_names(folder) if names is None else names:
         if name.endswith(suffix) and not name.startswith(TMP_MARK):
             stem = name[: -len(suffix)]
             if stem.isdigit():

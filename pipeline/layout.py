@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from t2i_curate.pipeline.io import as_path, is_remote, shard_ids
+from t2i_curate.pipeline.io import as_path, file_names, is_remote, shard_ids
 
 SHARD_DIGITS = 5
 
@@ -47,7 +47,7 @@ def local_cache(kind: str, run_root) -> Path:
     one folder per run URL, so a rerun here finds it again."""
     import hashlib
 
-    return cache_home() / kind / hashlib.sha256(str(run_root).encode()).hexdigest()[:16]
+    return cache_home() / kind / hashlib.sha256(str(run_root).rstrip("/").encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,9 @@ class RunLayout:
 
     def finished_downloads(self) -> list[int]:
         """Download shards img2dataset finished (stats file, written last, plus tar and parquet)."""
-        return [s for s in shard_ids(self.download, "_stats.json")
-                if self.download_parquet(s).exists() and self.download_tar(s).exists()]
+        names = file_names(self.download)  # one listing, not two existence checks per shard
+        return [s for s in shard_ids(self.download, "_stats.json", names)
+                if f"{shard_name(s)}.parquet" in names and f"{shard_name(s)}.tar" in names]
 
     # --- scores ---
     @property
@@ -220,5 +221,8 @@ class RunLayout:
 
     @property
     def reference_cache(self) -> Path:
-        """Cached FID/KID reference statistics, shared by every evaluated model of the run."""
+        """Cached FID/KID reference statistics, shared by every evaluated model of the run; kept on this
+        machine, beside eval's working folders, for a run on an object store (torch.load needs a file)."""
+        if is_remote(self.root):
+            return local_cache("eval", self.root) / "_reference"
         return self.eval / "_reference"

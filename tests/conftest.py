@@ -51,9 +51,11 @@ def small_demo_args(runs_dir, name="demo", n=60, extra=()):
 
 
 @pytest.fixture(scope="module")
-def s3_store():
+def s3_store(tmp_path_factory):
     """A real S3-compatible server (moto's server mode) on 127.0.0.1 for one test module, with the usual
-    AWS environment variables pointing at it (subprocesses inherit them); yields a fresh bucket's URL."""
+    AWS environment variables pointing at it (subprocesses inherit them); yields a fresh bucket's URL.
+    ``XDG_CACHE_HOME`` points at a temporary folder: what a store-backed run keeps on the machine (demo
+    images, thumbnails, eval's working folder) stays out of the user's cache."""
     s3fs = pytest.importorskip("s3fs")
     server_mod = pytest.importorskip("moto.server")
     import logging
@@ -64,7 +66,7 @@ def s3_store():
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache"))}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import fsspec
