@@ -135,15 +135,20 @@ def find_parts(spec: str | Path, fmt: str = "auto") -> list[tuple[Path, str]]:
     else:
         base = Path(s)
         files = sorted(p for p in base.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
-        known = {p: _format_or_none(p, fmt) for p in files}
-        formats = sorted({f for f in known.values() if f})
-        if not formats:
-            raise InputError(f"input.urls: folder {base} holds no .parquet, .csv, .tsv or .jsonl file")
-        if len(formats) > 1:
-            raise InputError(f"input.urls: folder {base} mixes formats {formats}; expected parts of one format "
-                             f"(set input.format, or use a glob such as {base}/*.parquet)")
-        files = [p for p in files if known[p]]
+        files = _of_one_format(files, fmt, base)
     return [(p, str(p.relative_to(base)) if p.is_relative_to(base) else str(p)) for p in files]
+
+
+def _of_one_format(files: list, fmt: str, folder) -> list:
+    """The files of a folder's one format (local paths or UPaths); refused when it has none or several."""
+    known = {p: _format_or_none(p, fmt) for p in files}
+    formats = sorted({f for f in known.values() if f})
+    if not formats:
+        raise InputError(f"input.urls: folder {folder} holds no .parquet, .csv, .tsv or .jsonl file")
+    if len(formats) > 1:
+        raise InputError(f"input.urls: folder {folder} mixes formats {formats}; expected parts of one format "
+                         f"(set input.format, or use a glob such as {str(folder).rstrip('/')}/*.parquet)")
+    return [p for p in files if known[p]]
 
 
 def _find_remote_parts(spec, fmt: str) -> list:
@@ -163,14 +168,8 @@ def _find_remote_parts(spec, fmt: str) -> list:
         listed = fs.ls(base, detail=True)
         keys = sorted(e["name"] for e in listed if e.get("type") == "file"
                       and not posixpath.basename(e["name"]).startswith((".", "_")))
-        known = {k: _format_or_none(as_path(fs.unstrip_protocol(k)), fmt) for k in keys}
-        formats = sorted({f for f in known.values() if f})
-        if not formats:
-            raise InputError(f"input.urls: folder {root} holds no .parquet, .csv, .tsv or .jsonl file")
-        if len(formats) > 1:
-            raise InputError(f"input.urls: folder {root} mixes formats {formats}; expected parts of one format "
-                             f"(set input.format, or use a glob such as {str(root).rstrip('/')}/*.parquet)")
-        keys = [k for k in keys if known[k]]
+        by_path = {as_path(fs.unstrip_protocol(k)): k for k in keys}
+        keys = [by_path[p] for p in _of_one_format(list(by_path), fmt, root)]
     return [(as_path(fs.unstrip_protocol(k)), k[len(base) + 1:] if base and k.startswith(base + "/") else k)
             for k in keys]
 
