@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=637)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for chatty in ("botocore", "aiobotocore", "s3fs"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     server, env = _server()
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     import fsspec
