@@ -260,7 +260,8 @@ def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
             **({"census": census_info["models"]} if census_info.get("models") else {}),
             **{f"nsfw {k}": v for k, v in nsfw["detectors"].items()}}),
         "provenance": {"config": json.loads(cfg.eval.model_dump_json()), "seed": cfg.eval.seed,
-                       "eval_models": "tiny" if tiny else "real", "versions": _versions()},
+                       "eval_models": "tiny" if tiny else "real", "versions": _versions(),
+                       "run_dir": str(cfg.run_dir)},  # the evaluated run (a URL for a run on a store)
     }
     write_json(out_dir / "metrics.json", result)
     return result
@@ -333,7 +334,9 @@ def publish(local: Path, remote) -> int:
 
     The remote ``metrics.json`` is removed first and uploaded last (the completion marker: the catalog
     reads only eval folders that have it); remote files the staging folder no longer has are removed.
-    Each file goes to a temporary key, then to its final key (io.atomic_path)."""
+    The marker goes to a temporary key, then to its final key (io.atomic_path); a PUT is atomic per object,
+    so the other files are written in place. A failed upload leaves the folder without its marker (never
+    read); the next `curate eval` publishes again from the staging folder."""
     remote = as_path(remote)
     marker = remote / "metrics.json"
     if marker.exists():
@@ -346,9 +349,12 @@ def publish(local: Path, remote) -> int:
         stale = [k for k in remote.fs.find(root) if k[len(root) + 1:] not in files]
         if stale:
             remote.fs.rm(stale)
-    for name in files:
-        with atomic_path(remote / name) as tmp:
-            tmp.fs.put_file(str(local / name), tmp.path)
+    for name in files:  # readers wait for the marker: only it needs the temporary key and the move
+        if name == "metrics.json":
+            with atomic_path(remote / name) as tmp:
+                tmp.fs.put_file(str(local / name), tmp.path)
+        else:
+            remote.fs.put_file(str(local / name), (remote / name).path)
     log.info("eval: uploaded %d files from %s to %s", len(files), local, remote)
     return len(files)
 

@@ -23,6 +23,7 @@ Cost: a k-means pass is ``n * k * d`` multiply-adds, the within-cluster step abo
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -37,10 +38,18 @@ _SIM_BLOCK = 1 << 22  # floats in one similarity block (16 MB)
 
 
 def _open_npy(path) -> np.ndarray:
-    """A memory map of a local ``.npy``; a remote one (object store) is read whole, one shard's worth."""
-    from t2i_curate.pipeline.io import is_remote, load_npy
+    """A memory map of a local ``.npy``; a remote one (object store) is read whole, one shard's worth, and
+    the last few are kept (k-means reads every file on each pass)."""
+    from t2i_curate.pipeline.io import is_remote
 
-    return load_npy(path) if is_remote(path) else np.load(path, mmap_mode="r")
+    return _remote_npy(str(path)) if is_remote(path) else np.load(path, mmap_mode="r")
+
+
+@functools.lru_cache(maxsize=16)
+def _remote_npy(url: str) -> np.ndarray:
+    from t2i_curate.pipeline.io import load_npy
+
+    return load_npy(url)
 
 
 @dataclass

@@ -193,7 +193,7 @@ def cmd_report(args) -> dict:
 
     cfg = _config(args)
     run = _run_dir(args)
-    folder = run / eval_dir(cfg).relative_to(cfg.run_dir)  # the config's eval tag
+    folder = RunLayout(run).eval_dir(eval_dir(cfg).name)  # the config's eval tag
     if not RunLayout(run).decisions.exists() and not (folder / "metrics.json").exists():
         raise UserError(f"curate report: {run} has neither a selection (run `curate run`) nor an eval of "
                         f"{folder.name} (run `curate eval`)")

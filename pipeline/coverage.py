@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from t2i_curate.pipeline.errors import UserError
-from t2i_curate.pipeline.io import as_path, read_table
+from t2i_curate.pipeline.io import as_path, is_url, read_table
 from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -614,7 +614,11 @@ def _training_run(out_dir: Path, m: dict) -> tuple[Path | None, str]:
                       "trained on (a run folder or a run name, e.g. <code>--set eval.training_run=demo</code>), "
                       "run <code>curate coverage RUN</code> on it, then rebuild this report.")
     try:
-        run = resolve_run(name, Path(out_dir).resolve().parent.parent.parent)
+        # runs/<run>/eval/<tag>: a name is looked up beside the evaluated run; an eval of a run on an object
+        # store was made in a local working folder, so there the evaluated run's URL says where
+        evaluated = (m.get("provenance") or {}).get("run_dir") or ""
+        base = as_path(evaluated).parent if is_url(evaluated) else Path(out_dir).resolve().parent.parent.parent
+        run = resolve_run(name, base)
     except UserError as e:
         return None, html.escape(str(e))
     if not RunLayout(run).coverage_file.exists():

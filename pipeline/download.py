@@ -197,7 +197,6 @@ def retry_failed(cfg: RunConfig, run_dir: Path, url_path: Path | None = None) ->
     Returns ``{"retried": n, "recovered": m}``.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     lay = RunLayout(run_dir)
     files = [sql_path(lay.download_parquet(s)) for s in lay.finished_downloads()]
@@ -221,6 +220,24 @@ def retry_failed(cfg: RunConfig, run_dir: Path, url_path: Path | None = None) ->
         return {"retried": 0, "recovered": 0}
     # img2dataset's scratch output: inside the run folder locally, a local temporary folder for a remote run
     work = Path(tempfile.mkdtemp(prefix="t2i-retry-")) if is_remote(lay.root) else lay.retry_dir
+    try:
+        new_rows, new_samples = _fetch_retry(cfg, retry_in, work)
+        by_shard: dict[int, list[str]] = {}
+        for k in new_rows:
+            by_shard.setdefault(shard_of_key(k), []).append(k)
+        recovered = 0
+        for shard, keys in sorted(by_shard.items()):
+            recovered += _merge_retry(lay, shard, {k: new_rows[k] for k in keys}, new_samples)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("retry-failed: %d rows retried, %d recovered", retry_in.num_rows, recovered)
+    return {"retried": retry_in.num_rows, "recovered": recovered}
+
+
+def _fetch_retry(cfg: RunConfig, retry_in, work: Path) -> tuple[dict, dict]:
+    """img2dataset on the retry rows, in the local folder ``work``: (rows by original key, samples by key)."""
+    import pyarrow.parquet as pq
+
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     pq.write_table(retry_in, work / "input.parquet")
@@ -229,17 +246,8 @@ def retry_failed(cfg: RunConfig, run_dir: Path, url_path: Path | None = None) ->
     kwargs["number_sample_per_shard"] = max(1, retry_in.num_rows)
     run_img2dataset(work / "input.parquet", work / "out", kwargs, cfg.ray, cfg.download.max_image_pixels)
     new_meta = pq.read_table(work / "out" / "00000.parquet")
-    new_rows = {r["_orig_key"]: r for r in new_meta.to_pylist()}
     new_samples = read_samples(work / "out" / "00000.tar") if (work / "out" / "00000.tar").exists() else {}
-    by_shard: dict[int, list[str]] = {}
-    for k in new_rows:
-        by_shard.setdefault(shard_of_key(k), []).append(k)
-    recovered = 0
-    for shard, keys in sorted(by_shard.items()):
-        recovered += _merge_retry(lay, shard, {k: new_rows[k] for k in keys}, new_samples)
-    shutil.rmtree(work, ignore_errors=True)
-    log.info("retry-failed: %d rows retried, %d recovered", retry_in.num_rows, recovered)
-    return {"retried": retry_in.num_rows, "recovered": recovered}
+    return {r["_orig_key"]: r for r in new_meta.to_pylist()}, new_samples
 
 
 def _allowed_only(cfg: RunConfig, rows):

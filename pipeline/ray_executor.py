@@ -27,9 +27,13 @@ def ensure_ray(ray_cfg) -> None:
 
     if ray.is_initialized():
         return
+    # where an object-store run folder lives (endpoint, region, profile) travels with the job; secret keys never
+    # do (runtime_env is visible in Ray's job metadata): nodes take credentials from their role or environment
     env = {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "NO_ALBUMENTATIONS_UPDATE",
                                                          "CURATE_WEIGHTS", "HF_HOME",
-                                                         "OPENCV_IO_MAX_IMAGE_PIXELS")}
+                                                         "OPENCV_IO_MAX_IMAGE_PIXELS", "AWS_ENDPOINT_URL",
+                                                         "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                                                         "AWS_DEFAULT_REGION", "AWS_PROFILE")}
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "ignore_reinit_error": True,
                               "runtime_env": {"env_vars": env}}
     if ray_cfg is not None and ray_cfg.address:

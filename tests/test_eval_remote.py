@@ -57,6 +57,11 @@ def test_eval_of_a_run_on_s3(s3_store, tmp_path, monkeypatch):
     assert r.returncode != 0 and str(stage) in r.stderr, r.stderr
     moved.rename(stage)
 
+    # the training run named as a run under runs_dir (an s3:// URL): found from the local working folder too
+    curate("coverage", str(run))
+    curate("eval", *args, *QUICK_EVAL, "--set", "eval.training_run=demo")
+    assert f"Training run: {run}" in (out / "report.md").read_text()
+
 
 def test_catalog_reads_only_finished_evals(tmp_path):
     """An eval folder without its metrics.json (an upload or a measure not finished) is not in the views."""

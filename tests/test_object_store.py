@@ -139,12 +139,12 @@ def s3_reference(s3_store, tmp_path_factory):
     local = tmp_path_factory.mktemp("s3ref")
     curate("run", *_args(local, "ref"))
     curate("run", *_args(f"{s3_store}/runs", "ref"))
-    return _snapshot(local / "ref"), f"{s3_store}/runs"
+    return _snapshot(local / "ref"), f"{s3_store}/runs", local
 
 
 @pytest.mark.slow
 def test_demo_on_s3_gives_the_local_outputs(s3_reference, tmp_path):
-    ref, runs = s3_reference
+    ref, runs, _ = s3_reference
     run = as_path(f"{runs}/ref")
     assert _snapshot(run) == ref  # decisions, every score, and the curated samples
     # and byte-identical tars on the store: key order, fixed mtime and mode, as locally
@@ -181,7 +181,7 @@ S3_KILLS = {  # stage -> (label, folder, glob, count): SIGKILL once that many ke
 def test_kill_on_s3_and_rerun_loses_and_duplicates_nothing(s3_reference, stage, point):
     from test_kill import _kill_when
 
-    ref, runs = s3_reference
+    ref, runs, _ = s3_reference
     name = f"k-{stage}-{point}"
     run = as_path(f"{runs}/{name}")
     fs = run.fs
@@ -213,7 +213,7 @@ def test_ray_actor_scoring_and_ray_write_on_s3(s3_reference, ray_local):
     from t2i_curate.pipeline.verify import verify_run
     from t2i_curate.pipeline.write import write_stage
 
-    (ref_dec, ref_scores, ref_shards), runs = s3_reference
+    (ref_dec, ref_scores, ref_shards), runs, _ = s3_reference
     run = as_path(f"{runs}/ray")
     fs = run.fs
     fs.copy(as_path(f"{runs}/ref/download").path, (run / "download").path, recursive=True)
@@ -230,3 +230,25 @@ def test_ray_actor_scoring_and_ray_write_on_s3(s3_reference, ray_local):
     for k in scores:
         assert_rows_close(ref_scores[k], scores[k], k)
     assert verify_run(run) == [] and _tmp_keys(run) == []
+
+
+@pytest.mark.slow
+def test_semantic_dedup_reads_embeddings_from_s3(s3_reference):
+    """SemDeDup (k-means over the saved embeddings, joined to the score parquet by file name) on a run on the
+    store selects exactly as on the local run. Last in this module: it re-selects the reference runs."""
+    _, runs, local = s3_reference
+    run = as_path(f"{runs}/ref")
+    sem = ("--set", "select.dedup.semantic.enabled=true", "--set", "select.dedup.semantic.threshold=0.5")
+    curate("select", *_args(local, "ref"), *sem)
+    curate("select", *_args(runs, "ref"), *sem)
+
+    def meta(r):
+        from t2i_curate.pipeline.io import read_schema
+
+        return json.loads(read_schema(as_path(r) / "selected" / "decisions.parquet").metadata[b"t2i_curate"])
+
+    m_local, m_s3 = meta(local / "ref"), meta(run)
+    assert m_local["near_dedup"]["semantic_duplicate"]["candidates"] > 0
+    assert m_s3["near_dedup"]["semantic_duplicate"] == m_local["near_dedup"]["semantic_duplicate"]
+    dec = read_table(run / "selected" / "decisions.parquet").to_pylist()
+    assert dec == read_table(local / "ref" / "selected" / "decisions.parquet").to_pylist()
