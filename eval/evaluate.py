@@ -30,7 +30,7 @@ from t2i_curate.eval.stats import (
     clip_score_torchmetrics,
 )
 from t2i_curate.pipeline.config import RunConfig
-from t2i_curate.pipeline.io import TMP_MARK, as_path, atomic_path, is_remote, write_json, write_parquet
+from t2i_curate.pipeline.io import TMP_MARK, as_path, is_remote, upload, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 # columns measure adds to eval_images (older eval folders also have the bias ones); stripped when re-measuring.
@@ -351,8 +351,7 @@ def publish(local: Path, remote) -> int:
             remote.fs.rm(stale)
     for name in files:  # readers wait for the marker: only it needs the temporary key and the move
         if name == "metrics.json":
-            with atomic_path(remote / name) as tmp:
-                tmp.fs.put_file(str(local / name), tmp.path)
+            upload(local / name, remote / name)
         else:
             remote.fs.put_file(str(local / name), (remote / name).path)
     log.info("eval: uploaded %d files from %s to %s", len(files), local, remote)

@@ -353,7 +353,8 @@ def _reference_features(fid, kid, ecfg, run_dir: Any, cache: Path) -> int:
 
 def fid_kid(ecfg, mcfg, tiny: bool, run_dir: Any, generated: list, cache_dir: Path) -> dict[str, Any]:
     """FID and KID of ``generated`` (image paths, or PIL images) against the reference set, with the
-    protocol. ``run_dir`` may be on an object store; ``cache_dir`` is local (torch.load / torch.save). Paths are opened 32 at a time and dropped after their features are taken."""
+    protocol. ``run_dir`` may be on an object store; ``cache_dir`` is local (torch.load / torch.save).
+    Paths are opened 32 at a time and dropped after their features are taken."""
     spec = feature_spec(ecfg, tiny)
     key = reference_cache_key(ecfg.reference, run_dir, spec, ecfg.max_reference)
     fid, kid = build_fid_kid(ecfg, mcfg, tiny, n_min=len(generated))

@@ -12,7 +12,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from t2i_curate.pipeline.io import as_path, atomic_path, duck_connect, is_remote, shard_ids, sql_path
+from t2i_curate.pipeline.io import as_path, atomic_path, duck_connect, is_remote, shard_ids, sql_path, upload
 from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,7 @@ def refresh_catalog(run_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="t2i-catalog-") as d:
         local = Path(d) / "catalog.duckdb"
         _write_catalog(run_dir, local)
-        with atomic_path(path) as tmp:
-            tmp.fs.put_file(str(local), tmp.path)
+        upload(local, path)
     return path
 
 

@@ -209,13 +209,12 @@ def _eval_report(folder: Path) -> dict:
     naming that folder, when this machine has none) and the two report files uploaded."""
     from t2i_curate.eval.evaluate import local_eval_folder
     from t2i_curate.eval.report import build_report
-    from t2i_curate.pipeline.io import atomic_path, is_remote
+    from t2i_curate.pipeline.io import is_remote, upload
 
     paths = build_report(local_eval_folder(folder))
     if is_remote(folder):
         for p in paths:
-            with atomic_path(folder / p.name) as tmp:
-                tmp.fs.put_file(str(p), tmp.path)
+            upload(p, folder / p.name)
     log.info("report: %s, %s", *paths)
     return {}
 

@@ -25,6 +25,13 @@ class ConfigError(UserError):
     """A config file or override is invalid; the message names key and file."""
 
 
+def _identifier(v: str, what: str) -> str:
+    """A name that selection writes into the decisions' ``rule`` column: letters, digits, '_', '-', '.'."""
+    if not v.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise ValueError(f"{what} names use letters, digits, '_', '-', '.'; got {v!r}")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -121,9 +128,7 @@ class Rule(_Strict):
     @field_validator("name")
     @classmethod
     def _identifier(cls, v: str) -> str:
-        if not v.replace("_", "").replace("-", "").replace(".", "").isalnum():
-            raise ValueError(f"rule names use letters, digits, '_', '-', '.'; got {v!r}")
-        return v
+        return _identifier(v, "rule")
 
 
 class DedupConfig(_Strict):
@@ -222,9 +227,7 @@ class Blocklist(_Strict):
     @field_validator("name")
     @classmethod
     def _identifier(cls, v: str) -> str:
-        if not v.replace("_", "").replace("-", "").replace(".", "").isalnum():
-            raise ValueError(f"blocklist names use letters, digits, '_', '-', '.'; got {v!r}")
-        return v
+        return _identifier(v, "blocklist")
 
     @model_validator(mode="after")
     def _distance_for_phash(self):

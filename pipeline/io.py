@@ -53,8 +53,7 @@ def as_path(spec: Any):
     return Path(os.path.expanduser(s[len("file://"):] if s.startswith("file://") else s))
 
 
-def is_remote(path: Any) -> bool:
-    return is_url(path)
+is_remote = is_url  # read as "this path is on a remote filesystem"
 
 
 def sql_path(path: Any) -> str:
@@ -170,7 +169,7 @@ def _atomic_remote(final) -> Iterator[Any]:
     tmp = final.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{final.name}")
     try:
         yield tmp
-        final.fs.mv(tmp.path, final.path)  # a missing temporary raises, as os.replace does
+        replace(tmp, final)  # a missing temporary raises, as os.replace does
     finally:
         with contextlib.suppress(FileNotFoundError):
             if tmp.fs.exists(tmp.path):
@@ -184,6 +183,12 @@ def replace(tmp: Any, final: Any) -> None:
         final.fs.mv(tmp.path, final.path)
     else:
         os.replace(tmp, final)
+
+
+def upload(local: Path, remote: Any) -> None:
+    """Copy a finished local file to ``remote`` (a path on a store) under a temporary key, then into place."""
+    with atomic_path(remote) as tmp:
+        tmp.fs.put_file(str(local), tmp.path)
 
 
 def write_json(path: Any, obj: Any) -> None:

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import curate
 from PIL import Image, ImageDraw
+from test_dedup import _by_row
 
 from t2i_curate.filters.dedup import phash_bands, phash_duplicates
 from t2i_curate.filters.phash import gray32, hamming, phash_bits, phash_hex
@@ -209,13 +210,6 @@ def near_run(tmp_path_factory):
                 "--set", "score.scorers=[resolution, phash]", "--set", "download.allow_private_addresses=true"]
         curate("run", *args)
         yield tmp / "runs" / "n", args
-
-
-def _by_row(run):
-    return {r[0]: r[1:] for r in duckdb.connect().execute(f"""
-        SELECT s.input_row, d.state, d.rule, o.input_row FROM read_parquet('{run}/download/0*.parquet') s
-        JOIN read_parquet('{run}/selected/decisions.parquet') d USING (key)
-        LEFT JOIN read_parquet('{run}/download/0*.parquet') o ON o.key = d.duplicate_of""").fetchall()}
 
 
 def test_reencoded_and_resized_copies_end_in_one_written_sample(near_run):
