@@ -132,9 +132,11 @@ class RunLayout:
         """Written last by img2dataset: marks a finished download shard."""
         return self.download / f"{shard_name(n)}_stats.json"
 
-    def finished_downloads(self) -> list[int]:
-        """Download shards img2dataset finished (stats file, written last, plus tar and parquet)."""
-        names = file_names(self.download)  # one listing, not two existence checks per shard
+    def finished_downloads(self, names: set[str] | None = None) -> list[int]:
+        """Download shards img2dataset finished (stats file, written last, plus tar and parquet).
+        ``names``: the download folder's listing, when the caller has it."""
+        if names is None:
+            names = file_names(self.download)  # one listing, not two existence checks per shard
         return [s for s in shard_ids(self.download, "_stats.json", names)
                 if f"{shard_name(s)}.parquet" in names and f"{shard_name(s)}.tar" in names]
 

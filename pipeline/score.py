@@ -27,6 +27,7 @@ from t2i_curate.pipeline.shard_scoring import (  # noqa: F401 (re-exported: the 
     ShardScorer,
     assemble_columns,
     commit_shard,
+    current_shards,
     save_npy,
     scorer_settings,
     shard_batches,
@@ -88,10 +89,14 @@ def score_stage(cfg: RunConfig, run_dir: Path, shards: list[int]) -> dict[str, i
         from t2i_curate.pipeline.gpu_decode import decode_device
 
         decode_device(cfg.score)
+    done = current_shards(RunLayout(run_dir), shards, scorer_settings(cfg.score))
+    if done:
+        log.info("score: %d of %d shards have current scores already", len(done), len(shards))
+    shards = [s for s in shards if s not in done]  # no task (nor process) for a finished shard
     fn = partial(score_shard, str(run_dir), cfg.score.model_dump_json())
     workers = score_processes(cfg, len(shards))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    if cfg.executor == "ray" and cfg.ray.score_actors:  # CPU decode tasks feed model actors
+    if cfg.executor == "ray" and cfg.ray.score_actors and shards:  # CPU decode tasks feed model actors
         from t2i_curate.pipeline.ray_score import score_on_actors
 
         res = score_on_actors(cfg, run_dir, shards)
@@ -100,7 +105,7 @@ def score_stage(cfg: RunConfig, run_dir: Path, shards: list[int]) -> dict[str, i
                          initializer=_init_worker, initargs=(threads,), ray_cfg=cfg.ray,
                          gpus=cfg.ray.gpus_per_worker if cfg.executor == "ray" else 0.0)
     res.raise_if_failed("score")
-    total = {"skipped": 0, "scored": 0, "failed": 0}
+    total = {"skipped": len(done), "scored": 0, "failed": 0}
     for r in res.results.values():
         for k in total:
             total[k] += r[k]

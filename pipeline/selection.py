@@ -17,7 +17,7 @@ from t2i_curate.pipeline.blocklist import hash_rules
 from t2i_curate.pipeline.catalog import arrow, open_run
 from t2i_curate.pipeline.config import RunConfig
 from t2i_curate.pipeline.errors import UserError
-from t2i_curate.pipeline.io import sql_path, write_parquet
+from t2i_curate.pipeline.io import file_stats, shard_ids, sql_path, write_parquet
 from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,7 @@ def bound_keep_order(con, dcfg) -> str:
 def check_complete(run_dir: Path, con, scfg=None) -> None:
     """Every input row must have a download result and every download shard current scores: made
     from that download shard by this config's scorer settings (never a mix of old and new)."""
-    from t2i_curate.pipeline.io import file_stamp, shard_ids
-    from t2i_curate.pipeline.score import scorer_settings, shard_is_current
+    from t2i_curate.pipeline.score import current_shards, scorer_settings
 
     n_input = con.execute("SELECT count(*) FROM input").fetchall()[0][0]
     n_down = con.execute("SELECT count(*) FROM downloads").fetchall()[0][0] if _has(con, "downloads") else 0
@@ -89,16 +88,17 @@ def check_complete(run_dir: Path, con, scfg=None) -> None:
             f"({n_refused} refused before any fetch); run `curate download` first"
         )
     lay = RunLayout(run_dir)
-    missing = sorted(set(lay.finished_downloads()) - set(shard_ids(lay.scores, ".parquet")))
+    stats = file_stats(lay.download)  # one listing serves the shard list and every source stamp
+    finished = lay.finished_downloads(set(stats))
+    missing = sorted(set(finished) - set(shard_ids(lay.scores, ".parquet")))
     if missing:
         raise StageOrderError(
             f"score is not finished: shards {missing[:10]}{'...' if len(missing) > 10 else ''} "
             f"have no scores; run `curate score` first"
         )
     if scfg is not None:
-        settings = scorer_settings(scfg)
-        stale = [s for s in lay.finished_downloads() if not shard_is_current(
-            lay.score_parquet(s), file_stamp(lay.download_parquet(s), lay.download_tar(s)), settings)]
+        current = current_shards(lay, finished, scorer_settings(scfg), stats)
+        stale = [s for s in finished if s not in current]
         if stale:
             raise StageOrderError(
                 f"scores of shards {stale[:10]}{'...' if len(stale) > 10 else ''} were made with other scorer "

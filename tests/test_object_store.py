@@ -18,6 +18,8 @@ from t2i_curate.pipeline.io import (
     atomic_path,
     clean_tmp,
     duck_connect,
+    file_stamp,
+    file_stats,
     is_remote,
     read_table,
     sha256_file,
@@ -92,6 +94,54 @@ def test_missing_bucket_is_a_clear_error(s3_store):
     p = curate("run", "--set", "runs_dir=s3://no-such-bucket-t2i/runs", check=False)
     assert p.returncode == 2, p.stderr
     assert "no-such-bucket-t2i" in p.stderr and "not writable" in p.stderr
+
+
+def _fake_scored_run(root, settings) -> None:
+    """Three finished download shards; scores current for shard 0, made with other settings for 1, none
+    for 2."""
+    import pyarrow as pa
+
+    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.shard_scoring import META_KEY
+
+    lay = RunLayout(root)
+    for s in range(3):
+        write_parquet(lay.download_parquet(s), pa.table({"key": [f"{s:05d}0000"]}))
+        write_json(lay.download_tar(s), {"not": "a tar, only its size and time count"})
+        write_json(lay.download_stats(s), {"successes": 1})
+    for s, settings_of in ((0, settings), (1, {"other": True})):
+        info = {"source_stamp": file_stamp(lay.download_parquet(s), lay.download_tar(s)), "settings": settings_of}
+        write_parquet(lay.score_parquet(s), pa.table({"key": [f"{s:05d}0000"]}).replace_schema_metadata(
+            {META_KEY: json.dumps(info).encode()}))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_current_shards_from_one_listing(where, s3_store, tmp_path, monkeypatch):
+    """Score stamps each shard per file (a HEAD each on a store); select and a resumed score read the
+    same stamps from one listing of the download folder, so the two must agree, and on a store no
+    download file is asked about one by one."""
+    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.shard_scoring import current_shards
+
+    root = as_path(tmp_path / "run" if where == "local" else f"{s3_store}/stamps")
+    settings = {"scorers": ["resolution"]}
+    _fake_scored_run(root, settings)
+    lay = RunLayout(root)
+    stats = file_stats(lay.download)
+    assert sorted(stats) == sorted(f"{s:05d}{x}" for s in range(3) for x in (".parquet", ".tar", "_stats.json"))
+    for s in range(3):
+        files = lay.download_parquet(s), lay.download_tar(s)
+        assert file_stamp(*files, stats=stats) == file_stamp(*files)
+    if where == "s3":
+        asked = []
+        fs = root.fs
+        info = fs.info
+        monkeypatch.setattr(fs, "info", lambda path, **kw: asked.append(path) or info(path, **kw))
+    assert current_shards(lay, [0, 1, 2], settings) == {0}
+    if where == "s3":
+        assert not [p for p in asked if "/download/" in p], asked
+    write_json(lay.download_tar(0), {"a": "re-downloaded shard, another size"})
+    assert current_shards(lay, [0, 1, 2], settings) == set()
 
 
 # --- the demo end to end, and SIGKILL during download and write (slow: several small runs) -----------
