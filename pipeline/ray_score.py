@@ -6,7 +6,8 @@ by two kinds of workers (docs/cluster.md explains the design and why it is Ray c
 - **decode tasks** (``num_cpus=1``, no GPU), one per shard, a Ray streaming generator: read the
   shard's download parquet and tar, decode every image once and apply the scorers' transforms with
   the same code the local path runs (:func:`score.shard_batches`), and yield the key list, then
-  one ``(rows, inputs, errors)`` batch per object, in key order;
+  one ``(rows, inputs, errors)`` batch per object, in key order; a model input travels as uint8
+  pixels, and the actor applies its to-tensor and ``Normalize`` (:func:`split_for_transport`);
 - **model actors** (``num_gpus=ray.gpus_per_worker``), each holding a :class:`score.ShardScorer`
   (models loaded once), scoring batches of any shard (:meth:`ShardScorer.score_batch`).
 
@@ -51,17 +52,59 @@ ACTOR_RESTARTS = 3  # a killed actor is restarted and its queued calls re-sent, 
 DECODE_AHEAD = 2  # decoded batches a decode task may hold unread by the driver (object store memory)
 
 
+_TO_TENSOR = ("ToTensor", "MaybeToTensor")  # torchvision's, and open_clip's (a no-op on a tensor)
+
+
+def split_for_transport(transforms: dict[str, Callable]) -> tuple[dict[str, Callable], dict[str, Callable]]:
+    """``(decode side, actor side)`` of the scorers' transforms. A ``Compose`` that ends in to-tensor
+    then ``Normalize`` (CLIP's, the watermark model's) is cut before the to-tensor: the decode task
+    ships the resized uint8 pixels, 1/4 of float32's bytes through the object store, and the actor
+    finishes the batch (:func:`finish_inputs`) with the same element-wise ops, so the model inputs are
+    bit-identical to the local path's. Any other transform runs whole in the decode task."""
+    from torchvision.transforms import Compose, Normalize
+
+    head, tail = {}, {}
+    for name, t in transforms.items():
+        steps = t.transforms if isinstance(t, Compose) else []
+        if len(steps) >= 2 and type(steps[-2]).__name__ in _TO_TENSOR and isinstance(steps[-1], Normalize):
+            head[name], tail[name] = Compose([*steps[:-2], _uint8_pixels]), steps[-1]
+        else:
+            head[name] = t
+    return head, tail
+
+
+def _uint8_pixels(img):
+    """An RGB PIL image -> its HxWx3 uint8 tensor (what to-tensor reads before it scales)."""
+    import numpy as np
+    import torch
+
+    if img.mode != "RGB":
+        raise ValueError(f"expected an RGB image before the model's to-tensor, got mode {img.mode}")
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+
+
+def finish_inputs(inputs: dict[str, Any], tail: dict[str, Callable]) -> dict[str, Any]:
+    """Batches of uint8 pixels (B, H, W, 3) -> the model's normalised float inputs (B, 3, H, W), as
+    to-tensor (``permute``, ``float32``, ``/ 255``) and ``Normalize`` make them one image at a time."""
+    import torch
+
+    return {name: tail[name](x.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)) if name in tail else x
+            for name, x in inputs.items()}
+
+
 class ModelActor:
     """Holds the configured scorers (models loaded once) and scores batches of any shard."""
 
     def __init__(self, scfg_json: str):
         self.scorer = ShardScorer.for_config(ScoreConfig.model_validate_json(scfg_json))
+        self.decode_side, self.tail = split_for_transport(self.scorer.transforms)
 
     def meta(self) -> dict[str, Any]:
-        """What the driver and the decode tasks need: the transforms (so decode is bit-identical to
-        the local path's), the draft size, the columns and the provenance written with every shard."""
+        """What the driver and the decode tasks need: the decode side of the transforms (so decode is
+        bit-identical to the local path's), the draft size, the columns and the provenance written with
+        every shard."""
         s = self.scorer
-        return {"transforms": s.transforms, "draft": s.draft, "columns": s.columns, "tiny": s.tiny_flag(),
+        return {"transforms": self.decode_side, "draft": s.draft, "columns": s.columns, "tiny": s.tiny_flag(),
                 "provenance": s.provenance(), "embedding_model": s.embedding_model()}
 
     def pid(self) -> int:
@@ -69,6 +112,7 @@ class ModelActor:
 
     def score(self, batch) -> tuple[dict[str, dict], dict[str, Any]]:
         rows, inputs, errors = batch
+        inputs = finish_inputs(inputs, self.tail)
         results: dict[str, dict] = {}
         embeddings: dict[str, Any] = {}
         self.scorer.score_batch(rows, inputs, errors, results, embeddings)

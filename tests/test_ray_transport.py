@@ -1,0 +1,53 @@
+"""What the Ray actor path ships from decode tasks to model actors (pipeline/ray_score.py): uint8 pixels,
+finished into the model inputs on the actor, bit-identical to the local path's float inputs."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from t2i_curate.pipeline.config import load_config
+from t2i_curate.pipeline.ray_score import finish_inputs, split_for_transport
+from t2i_curate.pipeline.shard_scoring import ShardScorer
+
+
+def _images() -> list:
+    """RGB images of odd sizes and aspect ratios (every resize and crop path), seeded."""
+    rng = np.random.default_rng(0)
+    sizes = [(300, 200), (640, 480), (97, 131), (224, 224), (1000, 90)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB") for w, h in sizes]
+
+
+@pytest.fixture(scope="module")
+def demo_transforms():
+    return ShardScorer.for_config(load_config("demo").score).transforms
+
+
+def test_actor_side_finish_is_bit_identical(demo_transforms):
+    head, tail = split_for_transport(demo_transforms)
+    assert set(head) == set(demo_transforms)
+    assert sorted(tail) == sorted(n for n in demo_transforms if n.startswith(("clip:", "watermark:"))) and tail
+    imgs = _images()
+    shipped = {n: torch.stack([head[n](im) for im in imgs]) if n in tail else [head[n](im) for im in imgs]
+               for n in demo_transforms}
+    for n in tail:
+        assert shipped[n].dtype == torch.uint8 and shipped[n].shape[-1] == 3
+    got = finish_inputs(shipped, tail)
+    for n, t in demo_transforms.items():
+        want = [t(im) for im in imgs]
+        if n in tail:
+            assert torch.equal(got[n], torch.stack(want)), n  # not close: equal, bit for bit
+            float_bytes = sum(w.numel() * w.element_size() for w in want)
+            assert shipped[n].numel() * shipped[n].element_size() * 4 == float_bytes, n
+        else:  # text's and pHash's inputs are uint8 arrays already: shipped as they are
+            assert all(np.array_equal(a, b) for a, b in zip(got[n], want, strict=True)), n
+
+
+def test_transforms_of_other_shapes_run_whole_in_the_decode_task():
+    from torchvision import transforms as tv
+
+    odd = {"no_normalize": tv.Compose([tv.Resize(32), tv.ToTensor()]),
+           "plain": lambda im: np.asarray(im),
+           "normalize_first": tv.Compose([tv.ToTensor(), tv.Normalize((0.5,) * 3, (0.5,) * 3), tv.Resize(32)])}
+    head, tail = split_for_transport(odd)
+    assert tail == {} and head == odd
