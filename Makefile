@@ -19,9 +19,11 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@# the venv takes about 7.5 GB (torch's CUDA build is most of it) and pip unpacks through $$TMPDIR:
 	@# say so before a long install ends in 'No space left on device'
-	@for d in . "$${TMPDIR:-/tmp}"; do free=$$(df -Pk "$$d" | awk 'NR==2 {print int($$4 / 1048576)}'); \
-	  if [ "$$free" -lt 12 ]; then echo "warning: $$free GB free on $$d's disk; the install needs about 12 GB" \
-	    "(7.5 GB for $(VENV), the rest for pip's unpacking in $${TMPDIR:-/tmp})" >&2; fi; done
+	@for d in "$(dir $(abspath $(VENV)))" "$${TMPDIR:-/tmp}"; do \
+	  free=$$(df -Pk "$$d" 2>/dev/null | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  if [ -n "$$free" ] && [ "$$free" -lt 12 ]; then echo "warning: $$free GiB free on the disk of $$d;" \
+	    "the install needs about 12 GiB (7.5 for $(VENV), the rest for pip's unpacking in $${TMPDIR:-/tmp})" >&2; fi; \
+	done
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,eval,judges]'

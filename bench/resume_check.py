@@ -13,7 +13,7 @@ requests each sends. moto answers from memory on this machine, so the seconds sh
 overhead and the requests are the figure to scale: at a real store's ~20 ms a request, sequential requests
 cost ``requests * 0.02`` s. Results: ``bench/resume_check.json``.
 
-    python bench/resume_check.py [--shards 1000]
+    python bench/resume_check.py [--shards 500]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +64,7 @@ def _per_file(lay, shards: list[int], settings: dict) -> set[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shards", type=int, default=1000)
+    ap.add_argument("--shards", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -81,7 +82,8 @@ def main() -> None:
     finally:
         server.stop()
     (ROOT / "bench" / "resume_check.json").write_text(json.dumps(
-        {"shards": args.shards, "server": "moto (in memory, 127.0.0.1, same machine)", "ways": rows},
+        {"command": "python bench/resume_check.py " + " ".join(sys.argv[1:]), "shards": args.shards,
+         "repeats": args.repeats, "server": "moto (in memory, 127.0.0.1, same machine)", "ways": rows},
         indent=1) + "\n")
 
 

@@ -267,10 +267,11 @@ def sha256_file(path: Any, chunk: int = 1 << 20) -> str:
 
 
 def _size_mtime(st: Any, remote: bool) -> tuple[int, int]:
-    """(size, modification time) of a stat result: ns locally; whole seconds on a store, where a
-    HEAD's Last-Modified has one-second resolution and a listing may give milliseconds."""
+    """(size, modification time in ns) of a stat result; on a store truncated to whole seconds, since
+    a HEAD's Last-Modified has one-second resolution while a listing may give milliseconds (a HEAD's
+    value is unchanged, so stamps written before listings were used still match)."""
     if remote:
-        return int(st.st_size), int(st.st_mtime)
+        return int(st.st_size), int(st.st_mtime) * 1_000_000_000
     return int(st.st_size), int(st.st_mtime_ns)
 
 

@@ -6,8 +6,9 @@ by two kinds of workers (docs/cluster.md explains the design and why it is Ray c
 - **decode tasks** (``num_cpus=1``, no GPU), one per shard, a Ray streaming generator: read the
   shard's download parquet and tar, decode every image once and apply the scorers' transforms with
   the same code the local path runs (:func:`score.shard_batches`), and yield the key list, then
-  one ``(rows, inputs, errors)`` batch per object, in key order; a model input travels as uint8
-  pixels, and the actor applies its to-tensor and ``Normalize`` (:func:`split_for_transport`);
+  one ``(rows, inputs, errors)`` batch per object, in key order; an input whose transform ends in
+  to-tensor then ``Normalize`` (CLIP's, the watermark model's) travels as uint8 pixels, and the
+  actor applies those two steps (:func:`split_for_transport`);
 - **model actors** (``num_gpus=ray.gpus_per_worker``), each holding a :class:`score.ShardScorer`
   (models loaded once), scoring batches of any shard (:meth:`ShardScorer.score_batch`).
 
@@ -74,22 +75,36 @@ def split_for_transport(transforms: dict[str, Callable]) -> tuple[dict[str, Call
 
 
 def _uint8_pixels(img):
-    """An RGB PIL image -> its HxWx3 uint8 tensor (what to-tensor reads before it scales)."""
+    """A PIL image -> its HxWxC uint8 tensor (what to-tensor reads before it scales)."""
     import numpy as np
     import torch
 
-    if img.mode != "RGB":
-        raise ValueError(f"expected an RGB image before the model's to-tensor, got mode {img.mode}")
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+    a = np.array(img, copy=True)
+    if a.dtype != np.uint8:
+        raise ValueError(f"expected 8-bit pixels before the model's to-tensor, got mode {img.mode}")
+    return torch.from_numpy(a[:, :, None] if a.ndim == 2 else a)
 
 
 def finish_inputs(inputs: dict[str, Any], tail: dict[str, Callable]) -> dict[str, Any]:
-    """Batches of uint8 pixels (B, H, W, 3) -> the model's normalised float inputs (B, 3, H, W), as
-    to-tensor (``permute``, ``float32``, ``/ 255``) and ``Normalize`` make them one image at a time."""
+    """Batches of uint8 pixels (B, H, W, C) -> the model's normalised float inputs (B, C, H, W), with the
+    element-wise ops to-tensor and ``Normalize`` apply one image at a time, so bit-identical: on the
+    CPU (CUDA may turn ``/ 255`` into a multiply) and in float32 (to-tensor's default dtype). One float
+    buffer per input, normalised in place: this runs on the model actor before each forward pass."""
     import torch
+    from torchvision.transforms.functional import normalize
 
-    return {name: tail[name](x.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)) if name in tail else x
-            for name, x in inputs.items()}
+    out = dict(inputs)
+    for name, norm in tail.items():
+        if name not in inputs:
+            continue
+        x = inputs[name]
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise TypeError(f"{name}: expected a (B, H, W, C) uint8 batch from the decode task, got "
+                            f"{x.dtype} {tuple(x.shape)}")
+        y = torch.empty((x.shape[0], x.shape[3], x.shape[1], x.shape[2]), dtype=torch.float32)
+        y.copy_(x.permute(0, 3, 1, 2)).div_(255)
+        out[name] = normalize(y, norm.mean, norm.std, inplace=True)
+    return out
 
 
 class ModelActor:

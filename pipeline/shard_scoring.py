@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 META_KEY = b"t2i_curate"
 FOOTER_THREADS = 32  # concurrent score-parquet footer reads when the run folder is on an object store
+LOCAL_FOOTER_THREADS = 8  # ... and on a local or shared file system
 _CACHE: dict[str, ShardScorer] = {}  # one per process: models load once per worker
 
 
@@ -186,17 +187,30 @@ def current_shards(lay: RunLayout, shards: list[int], settings: dict,
     stamps come from one listing of the download folder (``stats``, :func:`file_stats`, when the
     caller has it) and only listed score files are opened, their footers read concurrently on a
     store: a LIST per 1,000 keys, then three requests per scored shard (open and footer), 32 at a
-    time, where a check shard by shard sends six one after another (bench/resume_check.py)."""
+    time, where a check shard by shard sends six one after another (bench/resume_check.py). A shard
+    whose scores cannot be read counts as not current (logged), so it gets a task of its own."""
     stats = file_stats(lay.download) if stats is None else stats
     scored = set(shard_ids(lay.scores, ".parquet"))
 
     def current(s: int) -> bool:
-        stamp = file_stamp(lay.download_parquet(s), lay.download_tar(s), stats=stats)
-        return _made_from(lay.score_parquet(s), stamp, settings)
+        try:
+            stamp = file_stamp(lay.download_parquet(s), lay.download_tar(s), stats=stats)
+            return _made_from(lay.score_parquet(s), stamp, settings)
+        except Exception as e:  # e.g. a truncated score file: that shard is redone, the others go on
+            log.warning("scores of shard %d unreadable, counted as not current: %s: %s", s, type(e).__name__, e)
+            return False
 
     todo = [s for s in shards if s in scored]  # listed: no existence check each
-    with ThreadPoolExecutor(FOOTER_THREADS if is_remote(lay.root) else 1) as pool:
+    with ThreadPoolExecutor(_footer_threads(lay.root)) as pool:
         return {s for s, ok in zip(todo, pool.map(current, todo), strict=True) if ok}
+
+
+def _footer_threads(root) -> int:
+    """Concurrent footer reads: many on an async store driver (s3fs, gcsfs, adlfs: one IO loop, safe
+    from threads), a few on a local or shared file system (NFS, Lustre), one on other drivers."""
+    if not is_remote(root):
+        return LOCAL_FOOTER_THREADS
+    return FOOTER_THREADS if getattr(root.fs, "async_impl", False) else 1
 
 
 def success_rows(src_parquet: Path) -> list[dict]:

@@ -5,6 +5,7 @@ the run lock's exclusive create, the demo end to end with the local run's exact 
 during download and write followed by a rerun, with nothing lost or duplicated.
 """
 
+import hashlib
 import json
 import os
 import socket
@@ -132,6 +133,9 @@ def test_current_shards_from_one_listing(where, s3_store, tmp_path, monkeypatch)
     for s in range(3):
         files = lay.download_parquet(s), lay.download_tar(s)
         assert file_stamp(*files, stats=stats) == file_stamp(*files)
+        # the stamp's old form (size and st_mtime_ns of each file's stat): scores made before still match
+        old = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        assert file_stamp(*files) == hashlib.sha256(old.encode()).hexdigest()[:16]
     if where == "s3":
         asked = []
         fs = root.fs
@@ -142,6 +146,18 @@ def test_current_shards_from_one_listing(where, s3_store, tmp_path, monkeypatch)
         assert not [p for p in asked if "/download/" in p], asked
     write_json(lay.download_tar(0), {"a": "re-downloaded shard, another size"})
     assert current_shards(lay, [0, 1, 2], settings) == set()
+
+
+def test_unreadable_scores_count_as_not_current(tmp_path, caplog):
+    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.shard_scoring import current_shards
+
+    settings = {"scorers": ["resolution"]}
+    _fake_scored_run(tmp_path / "run", settings)
+    lay = RunLayout(tmp_path / "run")
+    lay.score_parquet(0).write_bytes(b"PAR1 truncated")  # its task redoes it; the check goes on
+    assert current_shards(lay, [0, 1, 2], settings) == set()
+    assert "scores of shard 0 unreadable" in caplog.text
 
 
 # --- the demo end to end, and SIGKILL during download and write (slow: several small runs) -----------

@@ -51,3 +51,16 @@ def test_transforms_of_other_shapes_run_whole_in_the_decode_task():
            "normalize_first": tv.Compose([tv.ToTensor(), tv.Normalize((0.5,) * 3, (0.5,) * 3), tv.Resize(32)])}
     head, tail = split_for_transport(odd)
     assert tail == {} and head == odd
+
+
+def test_grayscale_input_travels_as_one_channel():
+    from torchvision import transforms as tv
+
+    t = tv.Compose([tv.Grayscale(), tv.Resize(40), tv.CenterCrop(32), tv.ToTensor(), tv.Normalize((0.5,), (0.25,))])
+    head, tail = split_for_transport({"gray": t})
+    imgs = _images()
+    shipped = torch.stack([head["gray"](im) for im in imgs])
+    assert shipped.dtype == torch.uint8 and shipped.shape == (len(imgs), 32, 32, 1)
+    assert torch.equal(finish_inputs({"gray": shipped}, tail)["gray"], torch.stack([t(im) for im in imgs]))
+    with pytest.raises(TypeError, match="uint8"):
+        finish_inputs({"gray": shipped.float()}, tail)
