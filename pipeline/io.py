@@ -225,18 +225,6 @@ def clean_tmp(folder: Any) -> int:
     return n
 
 
-def remove_tree(folder: Any) -> None:
-    """Delete a folder (or every key under a prefix) if it is there."""
-    import shutil
-
-    folder = as_path(folder)
-    if is_remote(folder):
-        if folder.fs.exists(folder.path):
-            folder.fs.rm(folder.path, recursive=True)
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def file_names(folder: Any) -> set[str]:
     """Names of the entries of ``folder`` (empty if it is absent): one listing, also on a store (one
     LIST request per 1,000 keys instead of a HEAD per file)."""
