@@ -2,8 +2,8 @@
 
 ``build_demo(folder, n)`` writes images, a ground-truth table (its ``duplicate_of``
 column names the row an exact duplicate copies, ``near_duplicate_of`` the row a re-encoded or
-resized copy was made from) and a URL-list template. ``serve_demo(folder)`` starts an HTTP server on 127.0.0.1 (random
-port) and yields the URL-list parquet with that server's address in it, so
+resized copy was made from) and a URL-list template. ``serve_demo(folder)`` starts an HTTP server on 127.0.0.1 (a
+port stable per folder) and yields the URL-list parquet with that server's address in it, so
 img2dataset downloads the demo for real. Nothing touches the network beyond
 loopback.
 """
@@ -232,11 +232,17 @@ class _DemoHandler(http.server.SimpleHTTPRequestHandler):
         log.debug("demo server: " + format, *args)
 
 
+# The demo's port, hence its URLs and the shards' metadata, is stable per folder so that reruns give
+# identical outputs. It is drawn from 20000-31999: below the ephemeral ports the OS hands to outgoing
+# connections (Linux 32768-60999, macOS and Windows 49152-65535), any of which could hold it (a client
+# socket left open blocks the bind), and above Ray's default worker ports (10002-19999).
+PORT_BASE, PORT_SPAN = 20000, 12000
+
+
 def _preferred_port(folder: Path) -> int:
-    # stable per folder, so the demo's URLs (and the shards' metadata) are identical across runs
     import zlib
 
-    return 20000 + zlib.crc32(str(Path(folder).resolve()).encode()) % 20000
+    return PORT_BASE + zlib.crc32(str(Path(folder).resolve()).encode()) % PORT_SPAN
 
 
 @contextlib.contextmanager

@@ -52,3 +52,28 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
                                      ("/etc/passwd", False), ("a/../../x", False), ("", False)])
 def test_safe_member_name(name, ok):
     assert (safe_member_name(name) is not None) == ok
+
+
+def test_demo_port_is_stable_and_outside_the_ephemeral_ports(tmp_path, caplog):
+    """The demo's URLs carry its port, so a port taken by any socket changes every shard's metadata (CI saw
+    kill-and-rerun outputs differ that way): the port must be stable per folder and never one the OS
+    gives to outgoing connections."""
+    import socket
+    from pathlib import Path
+
+    from t2i_curate.pipeline.demo import _preferred_port, serve_folder
+
+    assert _preferred_port(tmp_path) == _preferred_port(tmp_path / ".")
+    ports = {_preferred_port(tmp_path / f"runs{i}" / "_demo") for i in range(500)}
+    assert len(ports) > 400 and min(ports) >= 20000 and max(ports) < 32000
+    proc = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if proc.exists():
+        low = int(proc.read_text().split()[0])
+        assert max(ports) < low, f"demo ports reach the ephemeral range starting at {low}"
+    # taken anyway (another program): served elsewhere, with a warning that says the URLs change
+    port = _preferred_port(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        with serve_folder(tmp_path, port=port) as base:
+            assert not base.endswith(f":{port}")
+    assert any(f"port {port} is taken" in r.getMessage() and "URLs change" in r.getMessage() for r in caplog.records)
