@@ -90,9 +90,10 @@ def load_session(threads: int | None = None):
     return ort.InferenceSession(str(model_path()), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def preprocess(img) -> tuple[Any, int, int]:
-    """PIL image (or RGB uint8 array) -> (float32 3x320x320 BGR blob, width, height), as NudeNet's
-    ``_read_image`` makes it from a file."""
+def letterbox(img) -> tuple[Any, int, int]:
+    """PIL image (or RGB uint8 array) -> (uint8 320x320x3 BGR, width, height): NudeNet's square padding
+    and resize, before it scales to float. On the Ray actor path this is what decode tasks ship (300 KB
+    an image instead of the blob's 1.2 MB); :func:`finish_batch` makes the blobs on the model actor."""
     import cv2
     import numpy as np
 
@@ -101,9 +102,30 @@ def preprocess(img) -> tuple[Any, int, int]:
     side = max(h, w)
     square = np.zeros((side, side, 3), np.uint8)
     square[:h, :w] = rgb[:, :, ::-1]  # BGR, black padding right and bottom
-    small = cv2.resize(square, (SIDE, SIDE), interpolation=cv2.INTER_LINEAR)
-    blob = small.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255.0)
-    return np.ascontiguousarray(blob), w, h
+    return cv2.resize(square, (SIDE, SIDE), interpolation=cv2.INTER_LINEAR), w, h
+
+
+def to_blob(small) -> Any:
+    """uint8 320x320x3 -> NudeNet's float32 3x320x320 input, scaled by 1/255."""
+    import numpy as np
+
+    return np.ascontiguousarray(small.transpose(2, 0, 1).astype(np.float32) * np.float32(1 / 255.0))
+
+
+def preprocess(img) -> tuple[Any, int, int]:
+    """PIL image (or RGB uint8 array) -> (float32 3x320x320 BGR blob, width, height), as NudeNet's
+    ``_read_image`` makes it from a file."""
+    small, w, h = letterbox(img)
+    return to_blob(small), w, h
+
+
+def finish_batch(items: list) -> list[tuple[Any, int, int]]:
+    """A batch of :func:`letterbox` outputs -> :func:`preprocess`'s, element for element."""
+    return [(to_blob(small), w, h) for small, w, h in items]
+
+
+# (decode side, model side) for pipeline/ray_score.split_for_transport
+preprocess.transport = (letterbox, finish_batch)
 
 
 def postprocess(output, width: int, height: int) -> list[dict[str, Any]]:

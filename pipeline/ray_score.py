@@ -61,13 +61,17 @@ def split_for_transport(transforms: dict[str, Callable]) -> tuple[dict[str, Call
     then ``Normalize`` (CLIP's, the watermark model's) is cut before the to-tensor: the decode task
     ships the resized uint8 pixels, 1/4 of float32's bytes through the object store, and the actor
     finishes the batch (:func:`finish_inputs`) with the same element-wise ops, so the model inputs are
-    bit-identical to the local path's. Any other transform runs whole in the decode task."""
+    bit-identical to the local path's. A transform may say how it splits itself: a ``transport`` attribute
+    ``(decode side, batch finisher)`` (NudeNet's letterbox, then its float blob). Any other transform runs
+    whole in the decode task."""
     from torchvision.transforms import Compose, Normalize
 
     head, tail = {}, {}
     for name, t in transforms.items():
         steps = t.transforms if isinstance(t, Compose) else []
-        if len(steps) >= 2 and type(steps[-2]).__name__ in _TO_TENSOR and isinstance(steps[-1], Normalize):
+        if getattr(t, "transport", None) is not None:
+            head[name], tail[name] = t.transport
+        elif len(steps) >= 2 and type(steps[-2]).__name__ in _TO_TENSOR and isinstance(steps[-1], Normalize):
             head[name], tail[name] = Compose([*steps[:-2], _uint8_pixels]), steps[-1]
         else:
             head[name] = t
@@ -89,8 +93,10 @@ def finish_inputs(inputs: dict[str, Any], tail: dict[str, Callable]) -> dict[str
     """Batches of uint8 pixels (B, H, W, C) -> the model's normalised float inputs (B, C, H, W), with the
     element-wise ops to-tensor and ``Normalize`` apply one image at a time, so bit-identical: on the
     CPU (CUDA may turn ``/ 255`` into a multiply) and in float32 (to-tensor's default dtype). One float
-    buffer per input, normalised in place: this runs on the model actor before each forward pass."""
+    buffer per input, normalised in place: this runs on the model actor before each forward pass. An input
+    whose transform brought its own finisher (``transport``) is handed to it."""
     import torch
+    from torchvision.transforms import Normalize
     from torchvision.transforms.functional import normalize
 
     out = dict(inputs)
@@ -98,6 +104,9 @@ def finish_inputs(inputs: dict[str, Any], tail: dict[str, Callable]) -> dict[str
         if name not in inputs:
             continue
         x = inputs[name]
+        if not isinstance(norm, Normalize):  # a transform's own batch finisher (its ``transport``)
+            out[name] = norm(x)
+            continue
         if x.dtype != torch.uint8 or x.ndim != 4:
             raise TypeError(f"{name}: expected a (B, H, W, C) uint8 batch from the decode task, got "
                             f"{x.dtype} {tuple(x.shape)}")

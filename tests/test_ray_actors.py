@@ -15,12 +15,14 @@ from test_ray import _scores, _shard_images, assert_rows_close  # noqa: E402 (af
 pytestmark = pytest.mark.slow
 
 N, BATCH = 40, 8  # download shards of 20 -> 3 batches each: an actor is killed between batches
+# the demo's scorers plus NudeNet, whose input travels as uint8 too and is finished on the actor by its own code
+SCORERS = "score.scorers=[resolution, watermark, aesthetic, clip_similarity, nsfw, text, phash, nudity]"
 
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("ray_actors")
-    curate("run", *small_demo_args(runs, n=N, extra=("--set", f"score.batch_size={BATCH}")))
+    curate("run", *small_demo_args(runs, n=N, extra=("--set", f"score.batch_size={BATCH}", "--set", SCORERS)))
     return runs
 
 
@@ -33,7 +35,7 @@ def _ray_copy(runs, name: str, extra=()):
         shutil.rmtree(dst / sub)
     overrides = [f"runs_dir={runs}", f"name={name}", f"input.demo_size={N}", "download.samples_per_shard=20",
                  "write.samples_per_shard=15", f"score.batch_size={BATCH}", "executor=ray", "workers=2",
-                 "ray.score_actors=true", *extra]
+                 "ray.score_actors=true", SCORERS, *extra]
     return load_config("demo", overrides), dst
 
 
@@ -66,6 +68,7 @@ def test_actor_path_equals_local(local_run, ray_local):
     select_stage(cfg, dst)
     write_stage(cfg, dst)
     local = local_run / "demo"
+    assert "pnudity" in _scores(dst)[next(iter(_scores(dst)))]
     _assert_scores_equal(local, dst)
     dec = lambda run: pq.read_table(run / "selected" / "decisions.parquet").to_pylist()  # noqa: E731
     assert dec(local) == dec(dst)

@@ -64,3 +64,19 @@ def test_grayscale_input_travels_as_one_channel():
     assert torch.equal(finish_inputs({"gray": shipped}, tail)["gray"], torch.stack([t(im) for im in imgs]))
     with pytest.raises(TypeError, match="uint8"):
         finish_inputs({"gray": shipped.float()}, tail)
+
+
+def test_nudenet_input_travels_as_uint8_and_is_finished_bit_identical():
+    from t2i_curate.filters import nudity
+
+    pytest.importorskip("cv2")
+    head, tail = split_for_transport({nudity.INPUT: nudity.preprocess})
+    assert head[nudity.INPUT] is nudity.letterbox and tail[nudity.INPUT] is nudity.finish_batch
+    imgs = _images()
+    shipped = [head[nudity.INPUT](im) for im in imgs]
+    got = finish_inputs({nudity.INPUT: shipped}, tail)[nudity.INPUT]
+    for (small, w, h), (blob, gw, gh), im in zip(shipped, got, imgs, strict=True):
+        want, ww, wh = nudity.preprocess(im)
+        assert small.dtype == np.uint8 and small.nbytes * 4 == want.nbytes  # 300 KB shipped, not 1.2 MB
+        assert (w, h) == (gw, gh) == (ww, wh) == im.size
+        assert blob.dtype == want.dtype and blob.flags.c_contiguous and np.array_equal(blob, want)
