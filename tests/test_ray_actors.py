@@ -1,7 +1,10 @@
 """Scoring on Ray with CPU decode tasks feeding model actors (pipeline/ray_score.py) gives the local
 executor's results under the executors' guarantee, and survives a model actor killed mid-run."""
 
+import os
 import shutil
+import signal
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -98,6 +101,46 @@ def test_actor_killed_mid_run_is_survived(local_run, ray_local):
     assert res.errors == {}, res.errors
     assert seen["batches"] > 3  # batches were scored after the kill
     assert seen["pid_after"] != seen["pid_before"]  # the actor really died and was restarted
+    assert sum(r["scored"] + r["failed"] for r in res.results.values()) == sum(
+        pq.read_table(RunLayout(dst).download_parquet(s)).to_pandas()["status"].eq("success").sum() for s in shards)
+    _assert_scores_equal(local_run / "demo", dst)
+
+
+def _decode_task_pids() -> list[int]:
+    """Worker processes running a decode task now: Ray titles a busy worker by its task."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::decode_shard"):
+                pids.append(int(d.name))
+        except OSError:  # it ended meanwhile
+            continue
+    return pids
+
+
+def test_decode_task_killed_mid_shard_is_retried(local_run, ray_local):
+    """SIGKILL a decode task's worker after the first batch: Ray re-runs the generator task, the batches it
+    yields again are not scored twice, and every shard commits its keys once, equal to the local run's."""
+    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.ray_score import score_on_actors
+
+    if not Path("/proc/self/cmdline").exists():
+        pytest.skip("finds the decode task's worker through /proc (Linux)")
+    # one decode task at a time, batches of 2: the task is still mid-shard (held back by the driver's
+    # backpressure) when the first batch comes back
+    cfg, dst = _ray_copy(local_run, "demo-decode-killed", extra=("ray.actors=1", "workers=1", "score.batch_size=2"))
+    killed: list[int] = []
+
+    def kill_decode_task(n: int, actors: list) -> None:
+        if n == 1:
+            pids = _decode_task_pids()
+            assert len(pids) == 1, pids
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    shards = RunLayout(dst).finished_downloads()
+    res = score_on_actors(cfg, dst, shards, retries=0, on_batch=kill_decode_task)
+    assert killed and res.errors == {}, res.errors  # no pass of our own: Ray's task retry recovered it
     assert sum(r["scored"] + r["failed"] for r in res.results.values()) == sum(
         pq.read_table(RunLayout(dst).download_parquet(s)).to_pandas()["status"].eq("success").sum() for s in shards)
     _assert_scores_equal(local_run / "demo", dst)
