@@ -237,6 +237,7 @@ def _store_count(folder, pattern):
 
 S3_KILLS = {  # stage -> (label, folder, glob, count): SIGKILL once that many keys match
     "download": [("2 shards", "download", "*_stats.json", 2)],
+    "score": [("2 shards", "scores", "0*.parquet", 2)],
     "write": [("first temp", "selected", f"{TMP_MARK}*", 1), ("1 shard", "selected", "0*.parquet", 1)],
 }
 
@@ -256,6 +257,8 @@ def test_kill_on_s3_and_rerun_loses_and_duplicates_nothing(s3_reference, stage, 
         fs.copy(src.path, run.path, recursive=True)
         fs.rm([f for f in fs.find((run / "selected").path) if f.rsplit("/", 1)[-1][:1] in "0m"])
         fs.rm([(run / "config.yaml").path, (run / "catalog.duckdb").path])
+    if stage == "score":  # the reference's download shards only
+        fs.copy(as_path(f"{runs}/ref/download").path, (run / "download").path, recursive=True)
     label, folder, pattern, count = S3_KILLS[stage][point]
     ready = _store_count(run / folder, pattern)
     assert _kill_when([stage, *_args(runs, name)], lambda: ready() >= count), f"never reached {label}"
