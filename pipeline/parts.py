@@ -22,7 +22,8 @@ Decisions:
   so keys of refused rows and joins on input_row stay unique; ``input_file`` (the part's name relative to
   the folder / glob base) and ``part_row`` (its row within the part) name the source row.
 - A part is identified by name, size and mtime_ns (no hashing: 128 LAION parts of 1-2 GB would cost
-  minutes per run). A recorded part that changed (size or mtime; ``touch`` counts) or is gone is refused
+  minutes per run), and on a store also by its content tag (ETag), since a store's last-modified has whole
+  seconds. A recorded part that changed (size, mtime or tag; ``touch`` counts) or is gone is refused
   before any work. A new part is appended after the recorded ones whatever its name sorts as, so its
   fetch files sort last, its shards get new numbers, and finished shards are never touched.
 - A part unreadable at discovery (a bad footer / first block) has unknown rows: with skip_bad_parts it
@@ -97,6 +98,7 @@ class Part:
     fmt: str
     size: int
     mtime_ns: int
+    etag: str | None = None  # a store's content tag (S3's ETag, GCS's / Azure's etag); None on a disk
     rows: int | None = None  # known from a parquet footer; None for CSV / JSONL or unreadable
     schema: object = None  # pyarrow Schema as read (None: unreadable)
     error: str | None = None
@@ -174,10 +176,19 @@ def _find_remote_parts(spec, fmt: str) -> list:
             for k in keys]
 
 
-def _stamp(path) -> tuple[int, int]:
-    """(size, mtime_ns) of a part: ``os.stat`` locally, the store's size and last-modified time remotely."""
-    st = path.stat()
-    return int(st.st_size), int(st.st_mtime_ns)
+def _stamp(path) -> tuple[int, int, str | None]:
+    """(size, mtime_ns, etag) of a part: ``os.stat`` locally; on a store its size, last-modified time and
+    content tag from one metadata request. A store's last-modified has whole seconds, so a part re-uploaded
+    with the same size within the same second differs only in its tag."""
+    if not is_remote(path):
+        st = path.stat()
+        return int(st.st_size), int(st.st_mtime_ns), None
+    from upath._stat import UPathStatResult
+
+    info = path.fs.info(path.path)
+    etag = info.get("ETag") or info.get("etag")
+    st = UPathStatResult.from_info(info)
+    return int(st.st_size), int(st.st_mtime_ns), str(etag).strip('"') if etag else None
 
 
 def _format_or_none(path: Path, fmt: str) -> str | None:
@@ -544,7 +555,7 @@ def normalise_part(cfg: RunConfig, lay: RunLayout, ps: PartSet, part: Part, inde
     """Normalise one part (streamed) and return its manifest entry."""
 
     entry = {"index": index, "name": part.name, "path": str(part.path), "format": part.fmt, "size": part.size,
-             "mtime_ns": part.mtime_ns, "first_row": first_row, "status": "ok", "rows": part.rows,
+             "mtime_ns": part.mtime_ns, "etag": part.etag, "first_row": first_row, "status": "ok", "rows": part.rows,
              "error": part.error, "fetch": [], "refused": 0, "blocked": 0}
     if part.error:  # unreadable at discovery (skip_bad_parts): rows unknown, listed by name
         return {**entry, "status": "skipped"}
@@ -595,11 +606,13 @@ def check_recorded(man: dict, ps: PartSet) -> None:
         if p is None and e["status"] != "skipped":
             raise RunFolderError(f"input part {e['name']} ({e['path']}) was read by this run folder and is gone; "
                                  f"restore it, or start a new run (--set name=...)")
-        if p is not None and (p.size, p.mtime_ns) != (e["size"], e["mtime_ns"]):
+        # a tag is compared when both readings have one (manifests written before tags were recorded have none)
+        tags_differ = bool(p and p.etag and e.get("etag") and p.etag != e["etag"])
+        if p is not None and ((p.size, p.mtime_ns) != (e["size"], e["mtime_ns"]) or tags_differ):
             raise RunFolderError(
                 f"input part {p.path} changed since this run folder read it (size {e['size']} -> {p.size} bytes, "
-                f"mtime_ns {e['mtime_ns']} -> {p.mtime_ns}); parts may be added, never changed: restore it, "
-                f"or start a new run (--set name=...)")
+                f"mtime_ns {e['mtime_ns']} -> {p.mtime_ns}, etag {e.get('etag')} -> {p.etag}); parts may be "
+                f"added, never changed: restore it, or start a new run (--set name=...)")
     if man["schema"] != _schema_list(ps):
         raise RunFolderError(f"the input parts' columns {_schema_list(ps)} differ from those this run folder "
                              f"recorded {man['schema']}; start a new run (--set name=...)")
