@@ -194,7 +194,7 @@ class ActorScorer:
     use it to kill an actor mid-run)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, actors: list, meta: dict,
-                 on_batch: Callable[[int, list], None] | None = None):
+                 on_batch: Callable[[int, list], None] | None = None, stamps: dict[int, str] | None = None):
         import ray
 
         self.cfg, self.lay, self.actors, self.meta = cfg, RunLayout(run_dir), actors, meta
@@ -204,6 +204,7 @@ class ActorScorer:
         self.decode = ray.remote(num_cpus=1, max_retries=2,
                                  _generator_backpressure_num_objects=DECODE_AHEAD)(decode_shard)
         self.on_batch, self.n_batches = on_batch, 0
+        self.stamps = stamps or {}  # shards known not current, stamped by the caller
         self.load = [0] * len(actors)
         self.queue: deque[tuple[_Shard, Any]] = deque()  # decoded batches waiting for an actor
         self.inflight: dict[Any, tuple[_Shard, int]] = {}  # actor call -> (shard, actor index)
@@ -234,8 +235,11 @@ class ActorScorer:
     def _start(self, shard: int, out: ShardResults, bar) -> None:
         lay = self.lay
         try:
-            stamp = file_stamp(lay.download_parquet(shard), lay.download_tar(shard))
-            current = shard_is_current(lay.score_parquet(shard), stamp, self.settings)
+            stamp = self.stamps.get(shard)
+            current = False
+            if stamp is None:
+                stamp = file_stamp(lay.download_parquet(shard), lay.download_tar(shard))
+                current = shard_is_current(lay.score_parquet(shard), stamp, self.settings)
         except Exception:  # the shard boundary, as on the task path: record it, the others go on
             out.errors[shard] = traceback.format_exc()
             bar.update(1)
@@ -319,9 +323,12 @@ class ActorScorer:
 
 
 def score_on_actors(cfg: RunConfig, run_dir: Path, shards: list[int], *, retries: int = 1,
-                    on_batch: Callable[[int, list], None] | None = None) -> ShardResults:
+                    on_batch: Callable[[int, list], None] | None = None,
+                    stamps: dict[int, str] | None = None) -> ShardResults:
     """Score ``shards`` with CPU decode tasks feeding a pool of model actors; return per-shard counts
-    (``skipped``/``scored``/``failed``) and the errors of shards that failed after ``retries``."""
+    (``skipped``/``scored``/``failed``) and the errors of shards that failed after ``retries``.
+    ``stamps``: the source stamps of shards the caller found not current (the score stage, from one
+    listing); the driver then sends no request for them. Other shards are stamped and checked here."""
     import ray
     from tqdm import tqdm
 
@@ -348,7 +355,7 @@ def score_on_actors(cfg: RunConfig, run_dir: Path, shards: list[int], *, retries
                     ray.kill(a)
                 actors = start_actors(cfg.score, cfg.ray, n)
             with tqdm(total=len(pending), desc="score" if attempt == 0 else "score (retry)", unit="shard") as bar:
-                res = ActorScorer(cfg, run_dir, actors, meta, on_batch).run(pending, bar)
+                res = ActorScorer(cfg, run_dir, actors, meta, on_batch, stamps).run(pending, bar)
             out.results.update(res.results)
             for k in res.results:
                 out.errors.pop(k, None)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from t2i_curate.pipeline.config import RunConfig, ScoreConfig
-from t2i_curate.pipeline.io import file_stamp, read_schema, shard_ids
+from t2i_curate.pipeline.io import file_stamp, file_stats, read_schema, shard_ids
 from t2i_curate.pipeline.layout import RunLayout
 from t2i_curate.pipeline.shard_scoring import (  # noqa: F401 (re-exported: the stage's public names)
     META_KEY,
@@ -89,7 +89,9 @@ def score_stage(cfg: RunConfig, run_dir: Path, shards: list[int]) -> dict[str, i
         from t2i_curate.pipeline.gpu_decode import decode_device
 
         decode_device(cfg.score)
-    done = current_shards(RunLayout(run_dir), shards, scorer_settings(cfg.score))
+    lay = RunLayout(run_dir)
+    stats = file_stats(lay.download)  # one listing: every shard's source stamp
+    done = current_shards(lay, shards, scorer_settings(cfg.score), stats)
     if done:
         log.info("score: %d of %d shards have current scores already", len(done), len(shards))
     shards = [s for s in shards if s not in done]  # no task (nor process) for a finished shard
@@ -99,7 +101,10 @@ def score_stage(cfg: RunConfig, run_dir: Path, shards: list[int]) -> dict[str, i
     if cfg.executor == "ray" and cfg.ray.score_actors and shards:  # CPU decode tasks feed model actors
         from t2i_curate.pipeline.ray_score import score_on_actors
 
-        res = score_on_actors(cfg, run_dir, shards)
+        # stamped from the listing; a shard missing a file is left to the driver, which records its error
+        stamps = {s: file_stamp(lay.download_parquet(s), lay.download_tar(s), stats=stats) for s in shards
+                  if lay.download_parquet(s).name in stats and lay.download_tar(s).name in stats}
+        res = score_on_actors(cfg, run_dir, shards, stamps=stamps)
     else:
         res = map_shards(fn, shards, workers=workers, executor=cfg.executor, desc="score",
                          initializer=_init_worker, initargs=(threads,), ray_cfg=cfg.ray,

@@ -58,7 +58,8 @@ def _assert_scores_equal(local, dst) -> None:
         assert np.allclose(np.load(p), np.load(dst / "scores" / "embeddings" / p.name), rtol=1e-3, atol=1e-3), p.name
 
 
-def test_actor_path_equals_local(local_run, ray_local):
+def test_actor_path_equals_local(local_run, ray_local, monkeypatch):
+    from t2i_curate.pipeline import ray_score
     from t2i_curate.pipeline.layout import RunLayout
     from t2i_curate.pipeline.score import score_stage
     from t2i_curate.pipeline.selection import select_stage
@@ -67,7 +68,11 @@ def test_actor_path_equals_local(local_run, ray_local):
 
     cfg, dst = _ray_copy(local_run, "demo-actors")
     shards = RunLayout(dst).finished_downloads()
+    stamped = []  # the stage hands the driver each shard's stamp from its one listing: no per-shard request
+    monkeypatch.setattr(ray_score, "file_stamp", lambda *a, **k: stamped.append(a) or "")
     assert score_stage(cfg, dst, shards)["scored"] > 0
+    assert stamped == []
+    monkeypatch.undo()
     select_stage(cfg, dst)
     write_stage(cfg, dst)
     local = local_run / "demo"
