@@ -90,14 +90,15 @@ def check_complete(run_dir: Path, con, scfg=None) -> None:
     lay = RunLayout(run_dir)
     stats = file_stats(lay.download)  # one listing serves the shard list and every source stamp
     finished = lay.finished_downloads(set(stats))
-    missing = sorted(set(finished) - set(shard_ids(lay.scores, ".parquet")))
+    scored = set(shard_ids(lay.scores, ".parquet"))  # one listing, also for the currency check below
+    missing = sorted(set(finished) - scored)
     if missing:
         raise StageOrderError(
             f"score is not finished: shards {missing[:10]}{'...' if len(missing) > 10 else ''} "
             f"have no scores; run `curate score` first"
         )
     if scfg is not None:
-        current = current_shards(lay, finished, scorer_settings(scfg), stats)
+        current = current_shards(lay, finished, scorer_settings(scfg), stats, scored)
         stale = [s for s in finished if s not in current]
         if stale:
             raise StageOrderError(

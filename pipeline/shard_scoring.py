@@ -182,15 +182,16 @@ def _made_from(out: Path, stamp: str, settings: dict) -> bool:
 
 
 def current_shards(lay: RunLayout, shards: list[int], settings: dict,
-                   stats: dict[str, tuple[int, int]] | None = None) -> set[int]:
+                   stats: dict[str, tuple[int, int]] | None = None, scored: set[int] | None = None) -> set[int]:
     """The shards among ``shards`` whose scores are current (:func:`shard_is_current`). The source
     stamps come from one listing of the download folder (``stats``, :func:`file_stats`, when the
     caller has it) and only listed score files are opened, their footers read concurrently on a
     store: a LIST per 1,000 keys, then three requests per scored shard (open and footer), 32 at a
     time, where a check shard by shard sends six one after another (bench/resume_check.py). A shard
-    whose scores cannot be read counts as not current (logged), so it gets a task of its own."""
+    whose scores cannot be read counts as not current (logged), so it gets a task of its own. ``scored``:
+    the ids listed in the scores folder, when the caller has them."""
     stats = file_stats(lay.download) if stats is None else stats
-    scored = set(shard_ids(lay.scores, ".parquet"))
+    scored = set(shard_ids(lay.scores, ".parquet")) if scored is None else scored
 
     def current(s: int) -> bool:
         try:
