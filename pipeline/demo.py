@@ -242,7 +242,9 @@ PORT_BASE, PORT_SPAN = 20000, 12000
 def _preferred_port(folder: Path) -> int:
     import zlib
 
-    return PORT_BASE + zlib.crc32(str(Path(folder).resolve()).encode()) % PORT_SPAN
+    crc = zlib.crc32(str(Path(folder).resolve()).encode())
+    before = PORT_BASE + crc % 20000  # the range used until 2026-11: a folder whose port was fine keeps it
+    return before if before < PORT_BASE + PORT_SPAN else PORT_BASE + crc % PORT_SPAN
 
 
 @contextlib.contextmanager

@@ -176,6 +176,9 @@ def _find_remote_parts(spec, fmt: str) -> list:
             for k in keys]
 
 
+STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
+
+
 def _stamp(path) -> tuple[int, int, str | None]:
     """(size, mtime_ns, etag) of a part: ``os.stat`` locally; on a store its size, last-modified time and
     content tag from one metadata request. A store's last-modified has whole seconds, so a part re-uploaded
@@ -186,9 +189,13 @@ def _stamp(path) -> tuple[int, int, str | None]:
     from upath._stat import UPathStatResult
 
     info = path.fs.info(path.path)
-    etag = info.get("ETag") or info.get("etag")
     st = UPathStatResult.from_info(info)
-    return int(st.st_size), int(st.st_mtime_ns), str(etag).strip('"') if etag else None
+    etag = str(info.get("ETag") or info.get("etag") or "")
+    # an object store's tag names the content; an HTTP server's may be weak (W/...) or differ between
+    # CDN nodes, so only stores' strong tags count
+    if path.protocol not in STORE_PROTOCOLS or not etag or etag.startswith("W/"):
+        etag = ""
+    return int(st.st_size), int(st.st_mtime_ns), etag.strip('"') or None
 
 
 def _format_or_none(path: Path, fmt: str) -> str | None:
@@ -611,8 +618,9 @@ def check_recorded(man: dict, ps: PartSet) -> None:
         if p is not None and ((p.size, p.mtime_ns) != (e["size"], e["mtime_ns"]) or tags_differ):
             raise RunFolderError(
                 f"input part {p.path} changed since this run folder read it (size {e['size']} -> {p.size} bytes, "
-                f"mtime_ns {e['mtime_ns']} -> {p.mtime_ns}, etag {e.get('etag')} -> {p.etag}); parts may be "
-                f"added, never changed: restore it, or start a new run (--set name=...)")
+                f"mtime_ns {e['mtime_ns']} -> {p.mtime_ns}"
+                + (f", etag {e.get('etag')} -> {p.etag}" if p.etag or e.get("etag") else "")
+                + "); parts may be added, never changed: restore it, or start a new run (--set name=...)")
     if man["schema"] != _schema_list(ps):
         raise RunFolderError(f"the input parts' columns {_schema_list(ps)} differ from those this run folder "
                              f"recorded {man['schema']}; start a new run (--set name=...)")

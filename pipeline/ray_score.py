@@ -8,7 +8,8 @@ by two kinds of workers (docs/cluster.md explains the design and why it is Ray c
   the same code the local path runs (:func:`score.shard_batches`), and yield the key list, then
   one ``(rows, inputs, errors)`` batch per object, in key order; an input whose transform ends in
   to-tensor then ``Normalize`` (CLIP's, the watermark model's) travels as uint8 pixels, and the
-  actor applies those two steps (:func:`split_for_transport`);
+  actor applies those two steps; a transform with its own ``transport`` split (NudeNet's) ships its
+  uint8 half the same way (:func:`split_for_transport`);
 - **model actors** (``num_gpus=ray.gpus_per_worker``), each holding a :class:`score.ShardScorer`
   (models loaded once), scoring batches of any shard (:meth:`ShardScorer.score_batch`).
 
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 ACTOR_DEPTH = 2  # calls queued per actor: the next batch is already there when one finishes
 ACTOR_RESTARTS = 3  # a killed actor is restarted and its queued calls re-sent, this many times
 DECODE_AHEAD = 2  # decoded batches a decode task may hold unread by the driver (object store memory)
+DECODE_RETRIES = 2  # a decode task whose worker dies is re-run (a streaming generator replays) this many times
 
 
 _TO_TENSOR = ("ToTensor", "MaybeToTensor")  # torchvision's, and open_clip's (a no-op on a tensor)
@@ -201,7 +203,7 @@ class ActorScorer:
         self.scfg_json = cfg.score.model_dump_json()
         self.settings = scorer_settings(cfg.score)
         self.transforms_ref = ray.put(meta["transforms"])
-        self.decode = ray.remote(num_cpus=1, max_retries=2,
+        self.decode = ray.remote(num_cpus=1, max_retries=DECODE_RETRIES,
                                  _generator_backpressure_num_objects=DECODE_AHEAD)(decode_shard)
         self.on_batch, self.n_batches = on_batch, 0
         self.stamps = stamps or {}  # shards known not current, stamped by the caller
@@ -328,7 +330,8 @@ def score_on_actors(cfg: RunConfig, run_dir: Path, shards: list[int], *, retries
     """Score ``shards`` with CPU decode tasks feeding a pool of model actors; return per-shard counts
     (``skipped``/``scored``/``failed``) and the errors of shards that failed after ``retries``.
     ``stamps``: the source stamps of shards the caller found not current (the score stage, from one
-    listing); the driver then sends no request for them. Other shards are stamped and checked here."""
+    listing); the driver sends no request for them and does not check them again: a shard given a stamp
+    is scored. Other shards are stamped and checked here."""
     import ray
     from tqdm import tqdm
 

@@ -102,8 +102,8 @@ def score_stage(cfg: RunConfig, run_dir: Path, shards: list[int]) -> dict[str, i
         from t2i_curate.pipeline.ray_score import score_on_actors
 
         # stamped from the listing; a shard missing a file is left to the driver, which records its error
-        stamps = {s: file_stamp(lay.download_parquet(s), lay.download_tar(s), stats=stats) for s in shards
-                  if lay.download_parquet(s).name in stats and lay.download_tar(s).name in stats}
+        files = {s: (lay.download_parquet(s), lay.download_tar(s)) for s in shards}
+        stamps = {s: file_stamp(*f, stats=stats) for s, f in files.items() if all(p.name in stats for p in f)}
         res = score_on_actors(cfg, run_dir, shards, stamps=stamps)
     else:
         res = map_shards(fn, shards, workers=workers, executor=cfg.executor, desc="score",

@@ -257,7 +257,8 @@ def test_kill_on_s3_and_rerun_loses_and_duplicates_nothing(s3_reference, stage, 
         fs.copy(src.path, run.path, recursive=True)
         fs.rm([f for f in fs.find((run / "selected").path) if f.rsplit("/", 1)[-1][:1] in "0m"])
         fs.rm([(run / "config.yaml").path, (run / "catalog.duckdb").path])
-    if stage == "score":  # the reference's download shards only
+    if stage == "score":  # the reference's download shards only: the rerun prepares the input again and
+        # its download finds every shard there, then score resumes after the two it had committed
         fs.copy(as_path(f"{runs}/ref/download").path, (run / "download").path, recursive=True)
     label, folder, pattern, count = S3_KILLS[stage][point]
     ready = _store_count(run / folder, pattern)

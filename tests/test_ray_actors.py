@@ -76,7 +76,7 @@ def test_actor_path_equals_local(local_run, ray_local, monkeypatch):
     select_stage(cfg, dst)
     write_stage(cfg, dst)
     local = local_run / "demo"
-    assert "pnudity" in _scores(dst)[next(iter(_scores(dst)))]
+    assert all("pnudity" in r for r in _scores(dst).values())
     _assert_scores_equal(local, dst)
     dec = lambda run: pq.read_table(run / "selected" / "decisions.parquet").to_pylist()  # noqa: E731
     assert dec(local) == dec(dst)
@@ -111,14 +111,25 @@ def test_actor_killed_mid_run_is_survived(local_run, ray_local):
     _assert_scores_equal(local_run / "demo", dst)
 
 
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # after "pid (comm) state"
+
+
 def _decode_task_pids() -> list[int]:
-    """Worker processes running a decode task now: Ray titles a busy worker by its task."""
+    """This test session's worker processes running a decode task now (Ray titles a busy worker by its
+    task; the local Ray instance's processes descend from this one), never another session's."""
     pids = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::decode_shard"):
+            if not (d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::decode_shard")):
+                continue
+            pid = int(d.name)
+            while pid > 1 and pid != os.getpid():
+                pid = _ppid(pid)
+            if pid == os.getpid():
                 pids.append(int(d.name))
-        except OSError:  # it ended meanwhile
+        except (OSError, ValueError, IndexError):  # it ended meanwhile
             continue
     return pids
 

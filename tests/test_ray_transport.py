@@ -67,6 +67,7 @@ def test_grayscale_input_travels_as_one_channel():
 
 
 def test_nudenet_input_travels_as_uint8_and_is_finished_bit_identical():
+    # the split against preprocess, whole; preprocess against NudeNet's own _read_image: tests/test_nudity.py
     from t2i_curate.filters import nudity
 
     pytest.importorskip("cv2")
