@@ -40,6 +40,17 @@ class ExactDedup:
     by_sha256: bool = True
     by_url: bool = True
 
+    def __post_init__(self) -> None:
+        check_keep_order(self.keep_order)
+
+
+def check_keep_order(keep_order: str) -> None:
+    """Refuse a keep order that is not a plain ORDER BY list (``rules.check_order_by``): it is pasted into
+    the select query, so a second statement, a subquery or a file reader must never get there."""
+    from t2i_curate.filters.rules import check_order_by
+
+    check_order_by(keep_order)
+
 
 def url_key_sql(col: str = "url") -> str:
     """DuckDB expression: ``col`` normalised for exact duplicate detection.
@@ -155,6 +166,7 @@ ORDER BY d.key""")
 
 def candidates_sql(keep_order: str) -> str:
     """The samples ``nd_dec`` still selects, with ``dd_rank`` (1 = kept first) in keep order."""
+    check_keep_order(keep_order)
     return (f"(SELECT s.*, row_number() OVER (ORDER BY {keep_order}, s.key) AS dd_rank FROM samples s "
             f"WHERE s.key IN (SELECT key FROM nd_dec WHERE state = 'selected'))")
 

@@ -80,8 +80,43 @@ def column_providers() -> dict[str, str]:
 
 
 def score_columns() -> set[str]:
-    """Every column any scorer may write (reserved: an input column by such a name is renamed)."""
+    """Every column any scorer may write (reserved: see :func:`reserved_columns`)."""
     return set(column_providers())
+
+
+# Columns the pipeline's own stages write or add to the samples they query, beside img2dataset's
+# (pipeline/download_base.py IMG2DATASET_COLUMNS), the input rows' provenance (download_base.ROW_COLUMNS),
+# the decisions (filters/rules.py DECISION_COLUMNS) and the scorers' declared columns. Listed here, by
+# the module that writes them, for :func:`reserved_columns`; a stage that adds a column adds it here.
+STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
+    # pipeline/shard_scoring.py assemble_columns: scores/NNNNN.parquet besides the scorers' columns
+    # (image_sha256: the decoded bytes' sha256, pipeline/tars.py IMAGE_SHA256)
+    "score": ("key", "score_status", "score_error", "tiny_models", "embedding_row", "image_sha256"),
+    # filters/rules.py decision_sql (drop_rule), filters/dedup.py (dd_rank: added to every sample row),
+    # download/_refused.parquet (reason; its rule, url, caption and row columns are reserved elsewhere)
+    "select": ("drop_rule", "dd_rank", "reason"),
+    # pipeline/write.py (shard; plan_shard in selected/_plan.parquet), pipeline/buckets.py with_buckets
+    "write": ("shard", "plan_shard", "bucket_width", "bucket_height"),
+}
+
+
+def reserved_columns() -> dict[str, str]:
+    """The single list of column names the pipeline writes, at every stage: lower-cased name -> the stage
+    that writes it (img2dataset, input rows, score, scorer <name>, decisions, select, write). An input column
+    whose name is one of these, ignoring case, is carried as ``input_<name>`` (pipeline/download_base.py
+    ``normalise_input``): the samples view joins downloads and scores, so an input ``score_status`` or
+    ``tiny_models`` would otherwise stand for the pipeline's own."""
+    from t2i_curate.filters.rules import DECISION_COLUMNS
+    from t2i_curate.pipeline.download_base import IMG2DATASET_COLUMNS, ROW_COLUMNS
+
+    out: dict[str, str] = {}
+    groups = [("img2dataset", IMG2DATASET_COLUMNS), ("input rows", ROW_COLUMNS),
+              *[(f"scorer {n}", tuple(cls.columns)) for n, cls in sorted(scorer_classes().items())],
+              ("decisions", DECISION_COLUMNS), *STAGE_COLUMNS.items()]
+    for stage, names in groups:
+        for c in names:
+            out.setdefault(c.lower(), stage)
+    return out
 
 
 def clip_models(scfg: ScoreConfig) -> list[str]:

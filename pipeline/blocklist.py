@@ -16,7 +16,8 @@ Config (top level): ``blocklists: [{name, path, kind, max_distance, column}]``.
 A list is ``.parquet`` (one string column, or ``column``) or text: one entry a line, blank lines and
 lines starting with ``#`` skipped (for hash and domain lists, ``#`` starts a comment anywhere).
 Every list is read and checked when a run folder is prepared, before any download: a malformed entry
-is reported with its file and line (parquet: row) number. Each list's sha256 and entry count go into
+is reported with its file and line (parquet: row) number and what was expected, never with its text
+(a configured path may name any file). Each list's sha256 and entry count go into
 the curated shards' ``manifest.json`` (``blocklists``).
 """
 
@@ -152,9 +153,9 @@ def load(spec) -> LoadedList:
     entries, bad = [], []
     for where, text in raw:
         norm = normalise_entry(spec.kind, text) if text is not None else None
-        if norm is None:
-            bad.append(f"  {where}: expected {_expected(spec.kind)}, got "
-                       f"{'bytes that are not UTF-8' if text is None else repr(text[:100])}")
+        if norm is None:  # the line itself is never shown: the path may name any file (a secret's, say)
+            got = "bytes that are not UTF-8" if text is None else "something else (the line is not shown)"
+            bad.append(f"  {where}: expected {_expected(spec.kind)}, got {got}")
         else:
             entries.append(norm)
     if bad:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.errors import UserError, disk_full, is_disk_full
 
 log = logging.getLogger("curate")
 
@@ -102,7 +103,7 @@ def cmd_funnel(args) -> dict:
     from t2i_curate.pipeline.funnel import funnel
 
     run = _run_dir(args)
-    f = funnel(run)
+    f = funnel(run, save_required=False)  # a reader: on a read-only run folder, report/funnel.* is not saved
     _print_funnel(f)
     return {"written": f["written"], "dropped": f["dropped"], "failed": f["failed"]}
 
@@ -274,20 +275,34 @@ def _run_dir(args) -> Path:
 
 
 def cmd_query(args) -> dict:
-    from t2i_curate.pipeline.catalog import arrow, open_run, refresh_catalog
-
-    run = _run_dir(args)
-    refresh_catalog(run)
-    con = open_run(run)
+    """Run one SQL statement over the run's views, built in memory: the run folder is never written
+    (``catalog.duckdb`` is neither created nor replaced), so a read-only run folder works. Unless
+    ``--allow-writes``, only a SELECT runs, on a connection that can read nothing outside the run folder."""
     import duckdb
 
-    try:
-        table = arrow(con, args.sql)
-    except duckdb.Error as e:
-        views = [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
-        from t2i_curate.pipeline.config import ConfigError
+    from t2i_curate.pipeline.catalog import QueryError, arrow_of, check_read_only_sql, lock_down, open_run
 
-        raise ConfigError(f"query failed: {e}\nviews in this run: {', '.join(sorted(views))}") from None
+    run = _run_dir(args)
+    con = open_run(run)
+    views = [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
+    if not views:
+        raise QueryError(f"{run}: no run tables here (input, downloads, scores, decisions...); expected a run "
+                         f"folder (runs/<name>)")
+    if not args.allow_writes:
+        check_read_only_sql(con, args.sql)
+        lock_down(con, run)
+    try:
+        rel = con.sql(args.sql)
+        table = None if rel is None else arrow_of(rel)
+    except duckdb.Error as e:
+        hint = ""
+        if isinstance(e, duckdb.PermissionException) and not args.allow_writes:
+            hint = "\ncurate query reads only the run folder; --allow-writes gives DuckDB's full power"
+        raise QueryError(f"query failed: {str(e).strip()}\nviews in this run: {', '.join(sorted(views))}"
+                         f"{hint}") from None
+    if table is None:  # --allow-writes: a statement that returns no rows (COPY, ATTACH, SET...)
+        log.info("done: the last statement returns no rows")
+        return {}
     _emit(table, args.format, args.output)
     return {}
 
@@ -400,10 +415,16 @@ def _more_parsers(sub) -> None:
     sp.add_argument("--run", help="run folder (default: from the config)")
     sp.set_defaults(fn=cmd_funnel)
     sp = sub.add_parser("query", help="run SQL over the run's catalog (views: input, downloads, scores, "
-                        "samples, decisions, funnel, shards, coverage, coverage_rules)")
+                        "samples, decisions, funnel, shards, coverage, coverage_rules); reads only",
+                        description="Run one SELECT over the run's views (built in memory; the run folder is "
+                        "never written). It can read files under the run folder only: no other file, no "
+                        "network, no COPY, ATTACH, INSTALL or SET.")
     sp.add_argument("sql")
     _common(sp, urls=False)
     sp.add_argument("--run", help="run folder (default: from the config)")
+    sp.add_argument("--allow-writes", action="store_true",
+                    help="give the SQL DuckDB's full power: any statement (COPY ... TO, ATTACH, INSTALL, SET, "
+                    "several statements), any file or URL this user can reach")
     sp.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     sp.add_argument("--output", "-o", help="write to this file instead of stdout")
     sp.set_defaults(fn=cmd_query)
@@ -426,15 +447,61 @@ def setup_logging(verbose: bool) -> None:
 
 # commands that write the run folder hold its lock for their whole duration; readers take none
 WRITERS = frozenset({"run", "download", "retry-failed", "score", "select", "write", "eval"})
+# ... and these write into a run folder they are given (report/, the catalog): its lock, then its
+# report folder's leftovers from a killed run removed
+REPORT_WRITERS = frozenset({"report", "coverage"})
 
 
+@contextlib.contextmanager
 def _lock(args):
     """The run folder's lock for a writing command, taken before any download or demo server."""
-    if args.command not in WRITERS:
-        return contextlib.nullcontext()
     from t2i_curate.pipeline.runfolder import run_lock
 
-    return run_lock(_config(args).run_dir, f"curate {args.command}")
+    if args.command in WRITERS:
+        with run_lock(_config(args).run_dir, f"curate {args.command}"):
+            yield
+        return
+    run = _reported_run(args) if args.command in REPORT_WRITERS else None
+    if run is None:
+        yield
+        return
+    from t2i_curate.pipeline.io import clean_tmp
+    from t2i_curate.pipeline.layout import RunLayout
+
+    with run_lock(run, f"curate {args.command}"):
+        n = clean_tmp(RunLayout(run).report)
+        if n:
+            log.info("removed %d temporary file(s) left in %s by an interrupted command", n, RunLayout(run).report)
+        yield
+
+
+def _reported_run(args):
+    """The run folder ``report`` or ``coverage`` writes into, or None (an eval folder outside a run,
+    or no such folder: the command itself says so)."""
+    from t2i_curate.pipeline.io import as_path
+    from t2i_curate.pipeline.layout import RunLayout
+
+    if args.command == "coverage":
+        from t2i_curate.pipeline.coverage import resolve_run
+
+        given = args.run_dir or args.run
+        run = resolve_run(given, _config(args).runs_dir) if given else _config(args).run_dir
+    elif args.eval_dir:
+        run = as_path(args.eval_dir)
+        if (run / "metrics.json").exists():  # an eval folder: runs/<name>/eval/<tag> locks its run
+            run = run.parent.parent if run.parent.name == "eval" else None
+    else:
+        run = _run_dir(args)
+    return run if run is not None and RunLayout(run).config.exists() else None
+
+
+def _disk_of(args) -> str:
+    """The folder a command writes, for a full-disk message (the run folder; else the working folder)."""
+    try:
+        run = _run_dir(args)
+        return str(run if run.exists() else run.parent)
+    except Exception:  # the message must not fail: name the working folder instead
+        return os.getcwd()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,8 +510,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _lock(args):
             args.fn(args)
-    except UserError as e:  # input, config, stage order, incomplete work: one message, no traceback
-        log.error("%s", e)
+    except Exception as e:  # noqa: BLE001 (a full disk anywhere: ours, DuckDB's, a shard worker's)
+        if is_disk_full(e):
+            filename = getattr(e, "filename", None)
+            e = disk_full(Path(filename).parent if isinstance(filename, str) else _disk_of(args))
+        elif not isinstance(e, UserError):
+            raise  # a bug: its traceback
+        log.error("%s", e)  # input, config, stage order, incomplete work, full disk: one message
         return e.exit_code
     except KeyboardInterrupt:
         log.error("interrupted; finished shards are kept, rerun the same command to resume")

@@ -32,6 +32,10 @@ def _identifier(v: str, what: str) -> str:
     return v
 
 
+def _identifier_ok(v: str) -> bool:
+    return v.isascii() and v.replace("_", "").replace("-", "").replace(".", "").isalnum()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -301,7 +305,7 @@ class RayConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = "demo"
+    name: str = "demo"  # the run folder's name under runs_dir: a name, never a path (_run_name)
     runs_dir: str = "runs"
     executor: Literal["local", "ray"] = "local"
     workers: int = Field(2, ge=1)
@@ -313,6 +317,15 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     blocklists: list[Blocklist] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        """Letters, digits, '-', '_', '.', not '.' or '..', no separator: the run folder stays in runs_dir."""
+        if not v or v in (".", "..") or v.startswith(".") or not _identifier_ok(v):
+            raise ValueError(f"a run name uses letters, digits, '-', '_' and '.' (not first), with no path "
+                             f"separator; got {v!r}")
+        return v
 
     @field_validator("blocklists")
     @classmethod

@@ -17,7 +17,7 @@ from typing import Any
 import torch.utils.data as tud
 
 from t2i_curate.pipeline.io import as_path
-from t2i_curate.pipeline.tars import IMAGE_EXTS, MISSING, iter_members
+from t2i_curate.pipeline.tars import IMAGE_EXTS, IMAGE_SHA256, MISSING, image_sha256, iter_members
 
 MAX_PIXELS = 89_478_485  # as Pillow and download.max_image_pixels: a larger declared size is a bomb
 
@@ -69,7 +69,7 @@ class TarImages(tud.IterableDataset):
     def _one(self, key: str, data: bytes):
         try:
             img = decode_image(data, self.draft)
-            return key, {name: t(img) for name, t in self.transforms.items()}, None
+            return key, {**{name: t(img) for name, t in self.transforms.items()}, IMAGE_SHA256: image_sha256(data)}, None
         except Exception as e:  # a per-sample failure is data: keep the reason
             return key, None, f"decode: {type(e).__name__}: {e}"
 

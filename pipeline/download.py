@@ -29,6 +29,8 @@ from t2i_curate.pipeline.download_base import (  # noqa: F401 (re-exported: the 
     download_summary,
     guard_settings,
     normalise_input,
+    plan_columns,
+    redo_short_shards,
     run_img2dataset,
 )
 from t2i_curate.pipeline.io import (
@@ -98,6 +100,7 @@ def read_url_list(path: Path, icfg: InputConfig):
         if not pa.types.is_string(cap.type):
             table = table.set_column(table.column_names.index(icfg.caption_col), icfg.caption_col,
                                      cap.cast(pa.string()))
+    plan_columns(table.schema, icfg)  # a column of a type that cannot be carried is refused before any work
     return table
 
 
@@ -178,6 +181,7 @@ def download_stage(cfg: RunConfig, run_dir: Path, url_path: Path, table=None) ->
     fetch_path, n_refused, n_blocked = split_refused(cfg, lay)
     out = lay.download
     n_rows = read_metadata(fetch_path).num_rows
+    redo_short_shards(lay)  # a shard with fewer rows than its stats count is not finished
     todo = expected_shards(n_rows, cfg.download.samples_per_shard) - len(lay.finished_downloads())
     if todo > 0:  # img2dataset would skip finished shards too, but only after starting its pool
         run_img2dataset(fetch_path, out, _img2dataset_kwargs(cfg, extras), cfg.ray, cfg.download.max_image_pixels)

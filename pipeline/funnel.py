@@ -8,6 +8,7 @@ written shards, checks that they add up to the input, and saves
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ class AccountingError(UserError):
     pass
 
 
-def funnel(run_dir: Path, provenance: dict | None = None) -> dict[str, Any]:
+def funnel(run_dir: Path, provenance: dict | None = None, save_required: bool = True) -> dict[str, Any]:
+    """The accounting, saved as ``report/funnel.json`` and ``.md``; ``save_required=False`` (``curate
+    funnel``, a reader): a run folder that cannot be written (read-only) only costs a warning."""
     run_dir = as_path(run_dir)
     con = open_run(run_dir)
     n_input = con.execute("SELECT count(*) FROM input").fetchall()[0][0]
@@ -66,9 +69,14 @@ def funnel(run_dir: Path, provenance: dict | None = None) -> dict[str, Any]:
             f"accounting does not add up: written {out['written']} + dropped {out['dropped']} + "
             f"failed {out['failed']} = {total}, but the input has {n_input} rows"
         )
-    write_json(lay.report / "funnel.json", out)
-    with atomic_path(lay.report / "funnel.md") as tmp:
-        tmp.write_text(funnel_markdown(out))
+    try:
+        write_json(lay.report / "funnel.json", out)
+        with atomic_path(lay.report / "funnel.md") as tmp:
+            tmp.write_text(funnel_markdown(out))
+    except OSError as e:
+        if save_required:
+            raise
+        logging.getLogger(__name__).warning("funnel not saved in %s (%s: %s)", lay.report, type(e).__name__, e)
     return out
 
 

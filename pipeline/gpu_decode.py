@@ -37,7 +37,7 @@ from typing import Any
 
 from t2i_curate.pipeline.decode import MAX_PIXELS, TarImages, _stack, decode_image
 from t2i_curate.pipeline.errors import UserError
-from t2i_curate.pipeline.tars import MISSING
+from t2i_curate.pipeline.tars import IMAGE_SHA256, MISSING, image_sha256
 
 log = logging.getLogger(__name__)
 JPEG_EOI = b"\xff\xd9"
@@ -225,7 +225,7 @@ class GpuTarImages(TarImages):
             key, inputs, err = super()._one(key, data)
             return key, (None if err else {"jpeg": None, "cpu": inputs}), err
         try:
-            cpu: dict[str, Any] = {}
+            cpu: dict[str, Any] = {IMAGE_SHA256: image_sha256(data)}
             if self.cpu_names:  # a scorer needs the PIL image: decode it on the CPU too
                 img = decode_image(data)
                 cpu = {name: self.transforms[name](img) for name in self.cpu_names}
@@ -285,7 +285,7 @@ class DeviceBatcher:
         if ok:
             for name in self.plans:
                 inputs[name] = torch.stack([dev[k][name].to(self.device) for k, _ in ok])
-            for name in self.cpu_names:
+            for name in [*self.cpu_names, IMAGE_SHA256]:
                 inputs[name] = _stack([p["cpu"][name] for _, p in ok])
         return keys, inputs, errors
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from t2i_curate.pipeline.io import as_path, file_names, is_remote, shard_ids
+from t2i_curate.pipeline.io import as_path, file_names, is_remote, read_metadata, shard_ids
 
 SHARD_DIGITS = 5
 
@@ -139,6 +139,32 @@ class RunLayout:
             names = file_names(self.download)  # one listing, not two existence checks per shard
         return [s for s in shard_ids(self.download, "_stats.json", names)
                 if f"{shard_name(s)}.parquet" in names and f"{shard_name(s)}.tar" in names]
+
+    def short_downloads(self, shards: list[int]) -> dict[int, str]:
+        """Among finished download shards, those that are not whole: shard -> why. img2dataset counts a
+        sample in its stats (``count``: the rows it was handed) before writing it, so a sample whose write
+        failed leaves a parquet with fewer rows than ``count``; an unreadable stats file or parquet footer
+        counts too. A stats file without ``count`` (not img2dataset's) is taken as it is. The footers and
+        stats files are read concurrently (8 at a time locally, 32 on a store). The download stage redoes
+        these shards (``download_base.redo_short_shards``)."""
+        import json
+        from concurrent.futures import ThreadPoolExecutor
+
+        def why(s: int) -> str | None:
+            try:
+                count = json.loads(self.download_stats(s).read_text()).get("count")
+            except (OSError, ValueError, AttributeError) as e:
+                return f"stats unreadable ({type(e).__name__})"
+            if not isinstance(count, int):
+                return None
+            try:
+                rows = read_metadata(self.download_parquet(s)).num_rows
+            except Exception as e:  # truncated, not a parquet file: redone like a short one
+                return f"parquet unreadable ({type(e).__name__})"
+            return None if rows >= count else f"{rows} of {count} rows"
+
+        with ThreadPoolExecutor(32 if is_remote(self.root) else 8) as pool:
+            return {s: w for s, w in zip(shards, pool.map(why, shards), strict=True) if w is not None}
 
     # --- scores ---
     @property

@@ -47,13 +47,17 @@ from pathlib import Path
 
 from t2i_curate.pipeline.config import InputConfig, RunConfig
 from t2i_curate.pipeline.download_base import (
+    ROW_COLUMNS,
     InputError,
     _detect_format,
     _img2dataset_kwargs,
     _repair_utf8,
     download_summary,
     guard_settings,
+    json_safe,
     normalise_input,
+    plan_columns,
+    redo_short_shards,
     run_img2dataset,
 )
 from t2i_curate.pipeline.io import (
@@ -74,7 +78,6 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 65_536  # rows of one part in memory at a time
 FETCH_CHUNK_ROWS = 262_144  # rows per file handed to img2dataset (it reads each file whole)
-ROW_COLUMNS = ("input_row", "input_file", "part_row")  # added to every normalised row
 MANIFEST_VERSION = 1
 
 
@@ -288,34 +291,33 @@ def discover_parts(spec: str | Path, icfg: InputConfig) -> PartSet:
         if problem:
             raise InputError(f"input part {p.path}: {problem}")
     ps = PartSet(str(spec), parts)
-    empty = pa.table({n: pa.array([], type=pa.string()) for n in good[0].schema.names})
-    for reserved in ROW_COLUMNS:
-        if reserved in good[0].schema.names:
-            raise InputError(f"input part {good[0].path} has a column {reserved!r}, which the pipeline "
-                             f"reserves; rename it")
-    normalised, renamed = normalise_input(empty, icfg)  # checks input.extra_columns and name collisions
+    # the columns as the stream delivers them (normalise_batch), then renamed and converted as the single
+    # list is: names the pipeline writes carried as input_<name>, types img2dataset cannot write as text
+    delivered = _delivered_schema(good[0], icfg)
+    try:
+        ps.source = plan_columns(delivered, icfg).source
+        normalised, renamed = normalise_input(delivered.empty_table(), icfg)  # logs what it renames / converts
+    except InputError as e:
+        raise InputError(f"input part {good[0].path}: {e}") from e
     ps.columns = [c for c in normalised.column_names if c != "input_row"]
-    keep = [icfg.url_col] + ([icfg.caption_col] if icfg.caption_col else [])
-    ps.source = keep + ([c for c in good[0].schema.names if c not in keep] if icfg.extra_columns is None
-                        else list(icfg.extra_columns))
     ps.extras = [c for c in renamed if c != "input_row"] + list(ROW_COLUMNS)
     _check_extras(good, ps, icfg)
-    ps.schema = _normalised_schema(good[0], ps, icfg)
+    ps.schema = pa.schema(list(normalised.schema) + [pa.field("input_file", pa.string()),
+                                                     pa.field("part_row", pa.int64())])
     log.info("input: %d part(s) of %s, %d rows known from footers", len(parts), spec, ps.total_rows)
     return ps
 
 
-def _normalised_schema(ref: Part, ps: PartSet, icfg: InputConfig):
-    """URL and caption as strings; other columns as the first good part has them (CSV: strings)."""
+def _delivered_schema(ref: Part, icfg: InputConfig):
+    """The first good part's columns as :func:`normalise_batch` has them before renaming: URL and caption as
+    strings; other columns as the part has them (CSV: strings; any string type as string)."""
     import pyarrow as pa
 
     fields = []
-    for src, name in zip(ps.source, ps.columns, strict=True):
-        t = ref.schema.field(src).type
-        text = src in (icfg.url_col, icfg.caption_col) or ref.fmt in ("csv", "tsv") or _string_class(t) == "string"
-        fields.append(pa.field(name, pa.string() if text else t))
-    return pa.schema(fields + [pa.field("input_row", pa.int64()), pa.field("input_file", pa.string()),
-                               pa.field("part_row", pa.int64())])
+    for f in ref.schema:
+        text = f.name in (icfg.url_col, icfg.caption_col) or ref.fmt in ("csv", "tsv") or _string_class(f.type) == "string"
+        fields.append(pa.field(f.name, pa.string() if text else f.type))
+    return pa.schema(fields)
 
 
 # --- streaming ---------------------------------------------------------------------------------
@@ -378,7 +380,7 @@ def normalise_batch(batch, ps: PartSet, icfg: InputConfig, part: Part, first_row
         t = _repair_utf8(t, col, part.path)
         if not pa.types.is_string(t.schema.field(col).type):
             t = t.set_column(t.column_names.index(col), col, t[col].cast(pa.string()))
-    t = t.select(ps.source).rename_columns(ps.columns)
+    t = json_safe(t.select(ps.source).rename_columns(ps.columns))  # as normalise_input converts the single list
     t = t.cast(pa.schema(list(ps.schema)[: len(ps.columns)]))
     n = t.num_rows
     rows = np.arange(part_row, part_row + n, dtype=np.int64)
@@ -658,6 +660,7 @@ def download_parts(cfg: RunConfig, run_dir: Path, url_path: Path, ps: PartSet | 
     man = prepare_parts(cfg, run_dir, ps)
     spp = cfg.download.samples_per_shard
     n_shards = sum(math.ceil(rows / spp) for e in man["parts"] for _, rows in e["fetch"])
+    redo_short_shards(lay)  # a shard with fewer rows than its stats count is not finished
     todo = set(range(n_shards)) - set(lay.finished_downloads())
     if todo:
         log.info("download: %d of %d shards to fetch, over %d part(s)", len(todo), n_shards, len(man["parts"]))

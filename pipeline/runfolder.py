@@ -107,13 +107,18 @@ GARBAGE_STALE_S = 10.0  # an unreadable lock younger than this may be one being 
 
 
 def _pid_alive(pid: int) -> bool:
+    """The process exists and has not exited: a zombie (killed, not yet reaped by its parent) is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
+        pass
+    try:  # Linux: the state field follows the command name in parentheses
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
+    except (OSError, ValueError):  # no /proc (macOS): the signal check alone
         return True
-    return True
 
 
 def _read_lock(path: Path) -> tuple[bytes | None, dict | None]:

@@ -12,7 +12,15 @@ import logging
 from pathlib import Path
 
 from t2i_curate.filters.dedup import DEFAULT_KEEP_ORDER, FALLBACK_KEEP_ORDER, ExactDedup, near_dedup
-from t2i_curate.filters.rules import RuleError, decision_sql, explain_missing, missing_column
+from t2i_curate.filters.rules import (
+    RuleError,
+    check_expression,
+    check_order_by,
+    decision_sql,
+    explain_missing,
+    first_line,
+    missing_column,
+)
 from t2i_curate.pipeline.blocklist import hash_rules
 from t2i_curate.pipeline.catalog import arrow, open_run
 from t2i_curate.pipeline.config import RunConfig
@@ -27,10 +35,21 @@ class StageOrderError(UserError):
     """A stage ran before the work it needs was finished."""
 
 
+def check_rule_syntax(rules, dcfg=None) -> None:
+    """Parse every rule's ``keep`` (and ``select.dedup.keep_order``) as one expression before any SQL runs:
+    no second statement, subquery, table function or file reader (``filters.rules.check_expression``)."""
+    for r in rules:
+        check_expression(r.keep, f"rule {r.name!r}")
+    if dcfg is not None:
+        check_order_by(dcfg.keep_order)
+
+
 def check_rules(con, rules) -> None:
-    """Bind every rule against the ``samples`` view; name the missing scorer if any."""
+    """Parse every rule (one expression, nothing else), then bind it against the ``samples`` view; name
+    the missing scorer if any."""
     import duckdb
 
+    check_rule_syntax(rules)
     for r in rules:
         try:
             rows = con.execute(f"SELECT typeof(({r.keep})) FROM samples LIMIT 1").fetchall()
@@ -38,7 +57,8 @@ def check_rules(con, rules) -> None:
             col = missing_column(str(e))
             if col:
                 raise RuleError(explain_missing(r.name, col)) from None
-            raise RuleError(f"rule {r.name!r}: {r.keep!r} is not a valid DuckDB expression: {e}") from None
+            raise RuleError(f"rule {r.name!r}: {r.keep!r} is not a valid DuckDB expression: "
+                            f"{first_line(e)}") from None
         if rows and rows[0][0] not in ("BOOLEAN", "NULL"):
             raise RuleError(f"rule {r.name!r}: expected a true/false expression, got a {rows[0][0]}: {r.keep!r}")
 
@@ -60,6 +80,7 @@ def bound_keep_order(con, dcfg) -> str:
     import duckdb
 
     order = dcfg.keep_order
+    check_order_by(order)
     try:
         con.execute(f"SELECT key FROM samples ORDER BY {order}, key LIMIT 0").fetchall()
     except duckdb.Error as e:
@@ -70,8 +91,31 @@ def bound_keep_order(con, dcfg) -> str:
         elif col:
             raise RuleError(explain_missing("select.dedup.keep_order", col)) from None
         else:
-            raise RuleError(f"select.dedup.keep_order: {order!r} is not a valid DuckDB ORDER BY: {e}") from None
+            raise RuleError(f"select.dedup.keep_order: {order!r} is not a valid DuckDB ORDER BY: "
+                            f"{first_line(e)}") from None
     return order
+
+
+def explain_failure(con, rules, keep_order: str | None) -> RuleError | None:
+    """The one-line error of a select query that failed at run time (a cast that fails on some sample's
+    value, say): the rules, then the keep order, are evaluated one by one to name the one that fails
+    (None: none of them fails alone; the query's own error stands)."""
+    import duckdb
+
+    ok = "status = 'success' AND score_status = 'ok'"
+    for r in rules:
+        try:
+            con.execute(f"SELECT count(*) FROM samples WHERE {ok} AND NOT coalesce(({r.keep}), false)").fetchall()
+        except duckdb.Error as e:
+            return RuleError(f"rule {r.name!r} ({r.keep!r}) fails on this run's samples: {first_line(e)}")
+    if keep_order is not None:
+        try:
+            con.execute(f"SELECT max(r) FROM (SELECT row_number() OVER (ORDER BY {keep_order}, key) AS r "
+                        f"FROM samples WHERE {ok})").fetchall()
+        except duckdb.Error as e:
+            return RuleError(f"select.dedup.keep_order ({keep_order!r}) fails on this run's samples: "
+                             f"{first_line(e)}")
+    return None
 
 
 def check_complete(run_dir: Path, con, scfg=None) -> None:
@@ -132,8 +176,14 @@ def with_blocked(sql: str, blocked: str | None) -> str:
 
 
 def select_stage(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
-    """Judge every sample; write the decisions table; return state counts."""
-    con = open_run(run_dir)
+    """Judge every sample; write the decisions table; return state counts.
+
+    The rules are parsed before anything runs (:func:`check_rule_syntax`), and the query runs on a
+    connection that can touch no file outside the run folder (``catalog.lock_down``)."""
+    import duckdb
+
+    check_rule_syntax(cfg.select.rules, cfg.select.dedup)
+    con = open_run(run_dir, locked=True)
     if not _has(con, "input"):
         raise StageOrderError("no download input in this run; run `curate download` first")
     check_complete(run_dir, con, cfg.score)
@@ -144,9 +194,22 @@ def select_stage(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
         dedup = dedup_plan(con, cfg.select.dedup)
         rules = hash_rules(cfg, con) + rules  # image-hash blocklists first (pipeline/blocklist.py)
     refused, blocked = refused_views(con)
-    table = arrow(con, with_blocked(decision_sql(rules, source, refused, dedup), blocked))
+    try:
+        table = arrow(con, with_blocked(decision_sql(rules, source, refused, dedup), blocked))
+    except duckdb.Error:
+        err = explain_failure(con, rules if source else [], dedup.keep_order if dedup else None)
+        if err is None:
+            raise
+        raise err from None
     if source:  # near duplicates (pHash, SemDeDup) among what the rules and exact dedup kept
-        table, _ = near_dedup(con, table, cfg.select.dedup, bound_keep_order(con, cfg.select.dedup), run_dir)
+        order = bound_keep_order(con, cfg.select.dedup)
+        try:
+            table, _ = near_dedup(con, table, cfg.select.dedup, order, run_dir)
+        except duckdb.Error:
+            err = explain_failure(con, [], order)
+            if err is None:
+                raise
+            raise err from None
     decisions = RunLayout(run_dir).decisions
     write_parquet(decisions, table)
     counts = dict(con.execute(

@@ -93,6 +93,8 @@ class ShardScorer:
         """Score one decoded batch into ``results`` (key -> columns) and ``embeddings`` (key -> row)."""
         import numpy as np
 
+        from t2i_curate.pipeline.tars import IMAGE_SHA256
+
         ok_rows = [r for r in batch_rows if r["key"] not in errors]
         values: dict[str, list] = {}
         if ok_rows:
@@ -104,9 +106,11 @@ class ShardScorer:
                 embeddings.update({r["key"]: emb[j] for j, r in enumerate(ok_rows)})
         for key, err in errors.items():
             results[key] = {"score_status": "failed", "score_error": err}
+        shas = inputs.get(IMAGE_SHA256) if ok_rows else None  # None: no scorer decoded the images
         for j, r in enumerate(ok_rows):
             results[r["key"]] = {"score_status": "ok", "score_error": None,
-                                 **{c: values[c][j] for c in self.columns}}
+                                 **{c: values[c][j] for c in self.columns},
+                                 IMAGE_SHA256: shas[j] if shas is not None else None}
 
     def score_rows(self, rows: list[dict], tar_path: Path) -> tuple[dict[str, list], Any, dict]:
         """Score ``rows`` (download successes); return columns in key order, the image
@@ -144,11 +148,14 @@ def assemble_columns(results: dict[str, dict], embeddings: dict[str, Any], colum
     """Per-key results -> the score parquet's columns in key order, and the embeddings array
     (float16, aligned with ``embedding_row``) or None. ``tiny=None``: no model column."""
     import numpy as np
+    import pyarrow as pa
 
     keys = sorted(results)
     cols: dict[str, list] = {"key": keys}
     for c in ["score_status", "score_error", *columns]:
         cols[c] = [results[k].get(c) for k in keys]
+    # the scored image bytes' sha256 (pipeline/decode.py); null where no scorer decoded images
+    cols["image_sha256"] = pa.array([results[k].get("image_sha256") for k in keys], pa.string())
     if tiny is not None:  # flag every row scored with tiny random models (by any scorer)
         cols["tiny_models"] = [tiny] * len(keys)
     emb_array = None
@@ -169,7 +176,13 @@ def scorer_settings(scfg: ScoreConfig) -> dict[str, Any]:
 def shard_is_current(out: Path, stamp: str, settings: dict) -> bool:
     """Whether the score parquet ``out`` exists and was made from the download files stamped ``stamp``
     with these scorer settings."""
-    return out.exists() and _made_from(out, stamp, settings)
+    if not out.exists():
+        return False
+    try:
+        return _made_from(out, stamp, settings)
+    except Exception as e:  # a truncated or foreign file: the shard is scored again and the file replaced
+        log.warning("%s unreadable, scored again: %s: %s", out, type(e).__name__, e)
+        return False
 
 
 def _made_from(out: Path, stamp: str, settings: dict) -> bool:

@@ -13,6 +13,7 @@ name only when complete (:func:`~.io.atomic_path`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import tarfile
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff"})
 MISSING = "decode: image missing from the download tar (truncated or damaged tar?)"
+# the sha256 of an image's bytes as stored in its download tar: the score stage records it (column
+# ``image_sha256``) from the bytes it decodes, so write and verify can tell when those bytes changed
+IMAGE_SHA256 = "image_sha256"
+
+
+def image_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def safe_member_name(name: str) -> str | None:

@@ -26,9 +26,9 @@ from t2i_curate.pipeline.blocklist import provenance
 from t2i_curate.pipeline.buckets import bucket_of_shard, manifest_info, shard_slices, with_buckets
 from t2i_curate.pipeline.catalog import arrow, open_run
 from t2i_curate.pipeline.config import RunConfig
-from t2i_curate.pipeline.io import read_schema, read_table, sha256_file, shard_ids, write_json, write_parquet
+from t2i_curate.pipeline.io import read_table, sha256_file, shard_ids, write_json, write_parquet
 from t2i_curate.pipeline.layout import RunLayout, shard_name, shard_of_key
-from t2i_curate.pipeline.tars import read_samples, write_samples
+from t2i_curate.pipeline.tars import IMAGE_EXTS, IMAGE_SHA256, image_sha256, read_samples, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ KEY_RE = re.compile(r"^[0-9A-Za-z_-]+$")
 DROP_META = {"exif"}  # bulky, and the image bytes still carry it
 PLAN = "_plan.parquet"
 PLAN_DIGEST_KEY = b"t2i_curate_rows_sha256"
+TAR_SHA_KEY = b"t2i_curate_tar_sha256"  # the shard tar's sha256, recorded in its parquet when both are written
 
 
 def selected_metadata(lay: RunLayout):
@@ -58,10 +59,12 @@ def write_plan(lay: RunLayout, meta, per_shard: int, slices: list[tuple[int, int
     write_parquet(lay.selected / PLAN, meta, row_group_size=per_shard)
 
 
-def _plan_rows(lay: RunLayout, shard: int) -> list[dict[str, Any]]:
+def _plan_table(lay: RunLayout, shard: int):
+    return read_table(lay.selected / PLAN, filters=[("plan_shard", "=", shard)]).drop_columns(["plan_shard"])
 
-    table = read_table(lay.selected / PLAN, filters=[("plan_shard", "=", shard)])
-    return table.drop_columns(["plan_shard"]).to_pylist()
+
+def _plan_rows(lay: RunLayout, shard: int) -> list[dict[str, Any]]:
+    return _plan_table(lay, shard).to_pylist()
 
 
 def rows_digest(rows: list[dict[str, Any]]) -> str:
@@ -71,15 +74,47 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def shard_done(lay: RunLayout, shard: int, digest: str) -> bool:
-    """The shard exists and was written from exactly these rows (same keys and the same scores:
-    re-scoring with other models rewrites it even when the same samples are selected)."""
+def shard_done(lay: RunLayout, shard: int, rows: list[dict[str, Any]], digest: str) -> str | None:
+    """The sha256 of the shard's tar when the shard was written from exactly these rows (same keys and the
+    same scores: re-scoring with other models rewrites it even when the same samples are selected) and
+    both files still hold what was written; None when it must be (re)written.
 
+    Checked by content: the parquet's rows against the plan (every value, not only the digest it
+    records) and the tar's sha256 against the one recorded in the parquet when the tar was written
+    (runs written before that record: the manifest's). A file that cannot be read, or differs, is
+    rewritten with one warning line."""
     pq_path, tar_path = lay.selected_parquet(shard), lay.selected_tar(shard)
     if not (pq_path.exists() and tar_path.exists()):
-        return False
-    meta = read_schema(pq_path).metadata or {}
-    return meta.get(PLAN_DIGEST_KEY, b"").decode() == digest
+        return None
+    name = shard_name(shard)
+    try:
+        table = read_table(pq_path)
+    except Exception as e:  # truncated or not a parquet file: rewritten
+        log.warning("selected/%s.parquet unreadable (%s: %s); shard rewritten", name, type(e).__name__, e)
+        return None
+    meta = table.schema.metadata or {}
+    if meta.get(PLAN_DIGEST_KEY, b"").decode() != digest:
+        return None  # other rows planned: an ordinary rewrite, nothing is wrong
+    held = table.drop_columns([c for c in ("shard",) if c in table.column_names]).to_pylist()
+    if rows_digest(held) != digest:
+        log.warning("selected/%s.parquet does not hold the rows it records; shard rewritten", name)
+        return None
+    want = meta.get(TAR_SHA_KEY, b"").decode() or _manifest_sha(lay, name)
+    got = sha256_file(tar_path)
+    if got != want:
+        log.warning("selected/%s.tar: sha256 %s differs from the one recorded when it was written (%s); "
+                    "shard rewritten", name, got[:12], (want or "none")[:12])
+        return None
+    return got
+
+
+def _manifest_sha(lay: RunLayout, name: str) -> str | None:
+    """A shard tar's sha256 as the manifest records it (runs written before the parquet recorded it)."""
+    try:
+        entries = json.loads(lay.manifest.read_text())["shards"]
+        return next((e["sha256"] for e in entries if e.get("shard") == name), None)
+    except Exception:  # no manifest or an unreadable one: nothing recorded, the shard is rewritten
+        return None
 
 
 def _clean(v: Any) -> Any:
@@ -99,17 +134,19 @@ def _images(lay: RunLayout, keys: list[str]) -> dict[str, list[tuple[str, bytes]
     return members
 
 
-def write_shard(run_dir: str, shard: int, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Write output shard ``shard`` from its planned rows (given, or read from the plan file);
-    return its manifest entry."""
+def write_shard(run_dir: str, shard: int, plan=None) -> dict[str, Any]:
+    """Write output shard ``shard`` from its planned rows (an Arrow table, given or read from the plan
+    file; its types are the parquet's, never guessed from Python values); return its manifest entry."""
     import pyarrow as pa
 
     lay = RunLayout(run_dir)
-    rows = _plan_rows(lay, shard) if rows is None else rows
+    plan = _plan_table(lay, shard) if plan is None else plan
+    rows = plan.to_pylist()
     keys = [r["key"] for r in rows]
     digest = rows_digest(rows)
-    if shard_done(lay, shard, digest):
-        return _entry(lay, shard, len(keys), skipped=True)
+    tar_sha = shard_done(lay, shard, rows, digest)
+    if tar_sha is not None:
+        return _entry(lay, shard, len(keys), tar_sha, skipped=True)
     bad = [k for k in keys if not KEY_RE.match(k)]
     if bad:
         raise ValueError(f"unsafe sample keys {bad[:5]}: expected letters, digits, '_' or '-'")
@@ -117,24 +154,39 @@ def write_shard(run_dir: str, shard: int, rows: list[dict[str, Any]] | None = No
     missing = [k for k in keys if k not in members]
     if missing:
         raise ValueError(f"selected samples missing from the download shards: {missing[:5]}")
+    _check_images(rows, members)
     samples = ((r["key"], sorted(members[r["key"]])
                 + [("json", json.dumps({c: _clean(v) for c, v in r.items()}, indent=1).encode())])
                for r in rows)
     write_samples(lay.selected_tar(shard), samples)
-    out_rows = [{**r, "shard": shard_name(shard)} for r in rows]
-    table = pa.Table.from_pylist(out_rows)
-    write_parquet(lay.selected_parquet(shard), table.replace_schema_metadata({PLAN_DIGEST_KEY: digest.encode()}))
-    return _entry(lay, shard, len(keys), skipped=False)
+    tar_sha = sha256_file(lay.selected_tar(shard))
+    table = plan.append_column("shard", pa.array([shard_name(shard)] * plan.num_rows, pa.string()))
+    write_parquet(lay.selected_parquet(shard),
+                  table.replace_schema_metadata({PLAN_DIGEST_KEY: digest.encode(), TAR_SHA_KEY: tar_sha.encode()}))
+    return _entry(lay, shard, len(keys), tar_sha, skipped=False)
+
+
+def _check_images(rows: list[dict[str, Any]], members: dict[str, list[tuple[str, bytes]]]) -> None:
+    """Each image still the bytes the score stage read (its ``image_sha256``, where recorded): a download
+    tar changed or damaged since scoring never reaches a curated shard."""
+    changed = [r["key"] for r in rows if r.get(IMAGE_SHA256)
+               and not any(ext.lower() in IMAGE_EXTS and image_sha256(data) == r[IMAGE_SHA256]
+                           for ext, data in members[r["key"]])]
+    if changed:
+        shards = sorted({shard_name(shard_of_key(k)) for k in changed})
+        raise ValueError(f"{len(changed)} selected images differ from the bytes that were scored (sha256), e.g. "
+                         f"{changed[:3]}: download/{', '.join(shards[:5])}.tar changed since scoring; remove those "
+                         f"download shards (tar, parquet, _stats.json) and run `curate run` to fetch them again")
 
 
 def _write_rows(run_dir: str, plan: dict, shard: int) -> dict[str, Any]:
-    return write_shard(run_dir, shard, plan[shard].to_pylist())
+    return write_shard(run_dir, shard, plan[shard])
 
 
-def _entry(lay: RunLayout, shard: int, n: int, skipped: bool) -> dict[str, Any]:
+def _entry(lay: RunLayout, shard: int, n: int, tar_sha: str, skipped: bool) -> dict[str, Any]:
     tar = lay.selected_tar(shard)
-    return {"shard": shard_name(shard), "samples": n, "bytes": tar.stat().st_size,
-            "sha256": sha256_file(tar), "skipped": skipped}
+    return {"shard": shard_name(shard), "samples": n, "bytes": tar.stat().st_size, "sha256": tar_sha,
+            "parquet_sha256": sha256_file(lay.selected_parquet(shard)), "skipped": skipped}
 
 
 def write_stage(cfg: RunConfig, run_dir: Path, extra_manifest: dict | None = None) -> dict[str, Any]:

@@ -34,7 +34,8 @@ def curate(*args, check=True, **kw):
     """Run the CLI in a subprocess, as a user would; return the CompletedProcess. Commands that take a
     config get ``download.allow_private_addresses=true`` first (tests serve their URL lists on 127.0.0.1;
     the setting is part of the run folder's fingerprint; a test's own ``--set`` after it wins)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "200"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "200",
+           **kw.pop("env", {})}
     if args and args[0] not in ("compare",):
         args = (args[0], "--set", "download.allow_private_addresses=true", *args[1:])
     p = subprocess.run([sys.executable, "-m", "t2i_curate.pipeline.cli", *map(str, args)], capture_output=True,

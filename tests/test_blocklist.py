@@ -30,7 +30,7 @@ def test_malformed_md5_line_is_reported_with_file_and_line(tmp_path):
     p = tmp_path / "md5.txt"
     p.write_text("# removal list\n" + "a" * 32 + "\n\n" + "b" * 31 + "\n" + "C" * 32 + "  # upper case is fine\n")
     cfg = _cfg(tmp_path, [{"name": "m", "path": p, "kind": "md5"}])
-    with pytest.raises(BlocklistError, match=rf"{p}:4: expected 32 hex digits, got '{'b' * 31}'") as e:
+    with pytest.raises(BlocklistError, match=rf"{p}:4: expected 32 hex digits, got something else") as e:
         check_blocklists(cfg)
     assert "1 malformed entry" in str(e.value) and ":5:" not in str(e.value)
 
@@ -246,7 +246,7 @@ def test_a_malformed_list_stops_the_run_before_any_work(tmp_path):
                    "--set", "score.scorers=[resolution]",
                    "--set", f"blocklists=[{{name: s, path: '{bad}', kind: sha256}}]", check=False)
     assert p.returncode == 2, p.stderr
-    assert f"{bad}:2: expected 64 hex digits, got 'not-a-hash'" in p.stderr
+    assert f"{bad}:2: expected 64 hex digits, got something else" in p.stderr and "not-a-hash" not in p.stderr
     assert _LoggingHandler.log == [] and not (tmp_path / "runs" / "demo").exists()
 
 

@@ -111,8 +111,15 @@ def test_cli_writer_refused_at_once(tmp_path):
 
 
 def test_cli_readers_take_no_lock(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     runs = tmp_path / "runs"
     _write_lock(runs / "demo", os.getpid())
+    (runs / "demo" / "selected").mkdir()  # a run table: `query` refuses a folder that holds none
+    pq.write_table(pa.table({"key": ["0"], "state": ["selected"], "rule": pa.array([None], pa.string()),
+                             "error": pa.array([None], pa.string()), "failed_stage": pa.array([None], pa.string())}),
+                   runs / "demo" / "selected" / "decisions.parquet")
     for args in (["verify"], ["query", "SELECT 1 AS x"], ["funnel"]):
         r = curate(*args, "--set", f"runs_dir={runs}", "--set", "name=demo", check=False)
         assert "in use by" not in _flat(r.stderr), (args, r.stderr)
