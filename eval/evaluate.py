@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from t2i_curate.eval.external import shown
 from t2i_curate.eval.fid import fid_kid
 from t2i_curate.eval.stats import (
     CLIP_SCORE_DEFINITION,
@@ -132,6 +133,18 @@ def _input_problems(out_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _shown(v: Any) -> Any:
+    """Settings as metrics.json keeps them: a path that is not UTF-8 (surrogateescape) with ``\\xNN`` escapes
+    (pydantic's JSON refuses such strings)."""
+    if isinstance(v, str):
+        return shown(v)
+    if isinstance(v, dict):
+        return {k: _shown(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_shown(x) for x in v]
+    return v
+
+
 def _versions() -> dict[str, str]:
     import diffusers
     import torch
@@ -172,23 +185,11 @@ def _judgement_rows(tag: str, rows: list[dict], scores: list[float], columns: di
     return out
 
 
-def _feature_weights(cfg: RunConfig, mcfg, feature: str) -> str:
-    """The FID/KID feature extractor's weights: tiny, the CLIP checkpoint's sha256, or the Inception label
-    (which names the release or the file's sha256)."""
-    if feature.startswith("clip:tiny:"):
-        return "tiny"
-    if feature.startswith("clip:"):
-        from t2i_curate.pipeline.weights import clip_checkpoint, weight_digest
-
-        return weight_digest(Path(clip_checkpoint(cfg.eval.feature_clip, mcfg)))
-    return feature
-
-
 def _models_used(cfg, mcfg, bundle, fk: dict, judges: dict, bias_summary: dict, extra: dict | None = None) -> dict:
     """What ran, per output: library, model and weights' sha256 (or tiny). The report prints it as a table."""
     feature = fk["protocol"]["feature"]
     out = {"clip_score": bundle.provenance(),
-           "fid_features": {"name": feature, "weights_sha256": _feature_weights(cfg, mcfg, feature)}}
+           "fid_features": {"name": feature, "weights_sha256": fk["feature_weights"]}}
     out.update({f"judge {n}": j["models"] for n, j in judges.items() if j.get("ran")})
     if bias_summary.get("models"):
         out["bias audit"] = bias_summary["models"]
@@ -259,9 +260,9 @@ def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
         "models": _models_used(cfg, mcfg, bundle, fk, judges, bias_summary, {
             **({"census": census_info["models"]} if census_info.get("models") else {}),
             **{f"nsfw {k}": v for k, v in nsfw["detectors"].items()}}),
-        "provenance": {"config": json.loads(cfg.eval.model_dump_json()), "seed": cfg.eval.seed,
+        "provenance": {"config": _shown(cfg.eval.model_dump(mode="json")), "seed": cfg.eval.seed,
                        "eval_models": "tiny" if tiny else "real", "versions": _versions(),
-                       "run_dir": str(cfg.run_dir)},  # the evaluated run (a URL for a run on a store)
+                       "run_dir": shown(str(cfg.run_dir))},  # the evaluated run (a URL for a run on a store)
     }
     write_json(out_dir / "metrics.json", result)
     return result
@@ -371,6 +372,46 @@ def _check_run(cfg: RunConfig) -> None:
     configured_judges(cfg.eval.judges, None, {}, cfg.eval.judge_options)  # a bad judge setting: refused now
 
 
+def _clean_root_tmp(root) -> int:
+    """Temporary files (keys) directly in the run folder (the catalog's), not below it."""
+    root = as_path(root)
+    if is_remote(root):
+        if not root.fs.isdir(root.path):
+            return 0
+        found = [i["name"] for i in root.fs.ls(root.path, detail=True)
+                 if i.get("type") == "file" and i["name"].rstrip("/").rsplit("/", 1)[-1].startswith(TMP_MARK)]
+        if found:
+            root.fs.rm(found)
+        return len(found)
+    if not root.is_dir():
+        return 0
+    found = [p for p in root.glob(f"{TMP_MARK}*") if p.is_file()]
+    for p in found:
+        p.unlink()
+    return len(found)
+
+
+def clean_eval_tmp(cfg: RunConfig) -> int:
+    """Remove what an interrupted eval left under ``.tmp-`` names: in the run's eval folders and reference
+    cache (local; for a run on an object store, this machine's staging folders and this tag's remote eval
+    folder), and the catalog's temporary beside ``catalog.duckdb``. Only under the run's lock (``curate eval``
+    holds it): no other writer of the run is running. Returns how many were removed."""
+    from t2i_curate.pipeline.io import clean_tmp
+    from t2i_curate.pipeline.layout import RunLayout
+
+    lay = RunLayout(cfg.run_dir)
+    final = eval_dir(cfg)
+    n = 0
+    if is_remote(final):  # the reference cache is in the staging root (layout.reference_cache)
+        n += clean_tmp(staging_root(cfg.run_dir)) + clean_tmp(final)
+    else:
+        n += clean_tmp(lay.eval)  # every tag's folder and _reference/
+    n += _clean_root_tmp(lay.root)
+    if n:
+        log.info("eval: removed %d temporary file(s) left by an interrupted eval", n)
+    return n
+
+
 def run_eval(cfg: RunConfig) -> dict[str, Any]:
     """``curate eval``: sample the model over the suites, measure, report, register the tables.
 
@@ -385,6 +426,7 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
     from t2i_curate.pipeline.catalog import refresh_catalog
 
     _check_run(cfg)
+    clean_eval_tmp(cfg)
     final, out = eval_dir(cfg), work_dir(cfg)
     if out != final:
         log.info("eval: %s is on an object store; working in %s, uploaded when finished", final, out)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from t2i_curate.pipeline.errors import UserError
-from t2i_curate.pipeline.io import shard_ids
 from t2i_curate.pipeline.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -108,41 +107,86 @@ def update_metrics(metrics: list, images: Iterable, protocol_name: str, real: bo
     return n
 
 
-def iter_reference_images(source: str, run_dir: Any, limit: int) -> Iterator[tuple[str, Any]]:
-    """``(id, PIL image)`` from the run's curated shards (``run_dir`` local or on an object store: its tars
-    are read through fsspec), a local folder of images, or local tar files."""
+def reference_files(source: str, run_dir: Any, limit: int) -> tuple[str, list, list]:
+    """What ``eval.reference`` names, as the reference reads it: ``(kind, files, identity)``.
+
+    ``kind`` is ``run`` (the run's curated tars, ``run_dir`` local or on an object store), ``folder`` (the
+    first ``limit`` image files of a local folder, by relative path) or ``tars`` (local tar files matching
+    a glob). ``identity`` names each file's content for the reference cache key: for ``run``, each curated
+    tar's name, size and mtime from one listing of ``selected/`` plus its sha256 as ``manifest.json``
+    records it (a stale manifest after an interrupted write still changes the key: the tars' stamps do); for
+    a folder, each image's relative path, size, mtime and ctime (ns; ctime also changes when a copy keeps
+    the old mtime); for tars, each tar's path, size, mtime and ctime. A source that does not exist gives no
+    files (:func:`iter_reference_images` refuses it)."""
     import glob
 
+    from t2i_curate.pipeline.io import TMP_MARK, file_stats
+    from t2i_curate.pipeline.tars import IMAGE_EXTS
+
+    if source == "run":
+        lay = RunLayout(run_dir)
+        stats = file_stats(lay.selected)  # one listing (one LIST request on a store)
+        names = sorted((n for n in stats if n.endswith(".tar") and n[:-4].isdigit() and not n.startswith(TMP_MARK)),
+                       key=lambda n: int(n[:-4]))
+        try:
+            shas = {e["shard"]: e["sha256"] for e in json.loads(lay.manifest.read_text())["shards"]}
+        except Exception:  # no manifest, or an unreadable one: the tars' stamps alone key them
+            shas = {}
+        return "run", [lay.selected / n for n in names], [[n, *stats[n], shas.get(n[:-4])] for n in names]
+
+    def stamp(p: Path) -> list[int]:
+        st = p.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    folder = Path(source)
+    if folder.is_dir():
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS and p.is_file())
+        files = files[:limit]
+        return "folder", files, [[p.relative_to(folder).as_posix(), *stamp(p)] for p in files]
+    tars = sorted(Path(p) for p in glob.glob(source) if Path(p).is_file())
+    return "tars", tars, [[str(p), *stamp(p)] for p in tars]
+
+
+def iter_reference_images(source: str, run_dir: Any, limit: int,
+                          listing: tuple | None = None) -> Iterator[tuple[str, Any]]:
+    """``(id, PIL image)`` from the run's curated shards (``run_dir`` local or on an object store: its tars
+    are read through fsspec), a local folder of images, or local tar files (``listing``: their
+    :func:`reference_files`, when the caller has it). An image that does not decode is skipped
+    with a warning (N counts the images used)."""
     from PIL import Image
 
     from t2i_curate.pipeline.decode import decode_image
     from t2i_curate.pipeline.tars import IMAGE_EXTS, iter_members
 
-    if source == "run":
-        lay = RunLayout(run_dir)
-        tars = [lay.selected_tar(i) for i in shard_ids(lay.selected, ".tar")]
-        if not tars:
-            from t2i_curate.pipeline.selection import StageOrderError
+    kind, files, _ = listing or reference_files(source, run_dir, limit)
+    if kind == "run" and not files:
+        from t2i_curate.pipeline.selection import StageOrderError
 
-            raise StageOrderError(f"eval.reference=run: {run_dir}/selected has no curated shards; run `make filter` "
-                                  f"(or `curate run`) first, or set eval.reference to a folder of images")
-    elif Path(source).is_dir():
-        tars = []
-        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
-        for n, p in enumerate(files):
-            if n >= limit:
-                return
-            yield p.name, Image.open(p).convert("RGB")
+        raise StageOrderError(f"eval.reference=run: {run_dir}/selected has no curated shards; run `make filter` "
+                              f"(or `curate run`) first, or set eval.reference to a folder of images")
+    if kind == "folder":
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    img = im.convert("RGB")
+            except Exception as e:  # any decode failure: this image is left out, said so
+                log.warning("eval.reference: %s does not decode (%s: %s); left out", p, type(e).__name__, e)
+                continue
+            yield p.name, img
         return
-    else:
-        tars = sorted(Path(p) for p in glob.glob(source))
-        if not tars:
-            raise UserError(f"eval.reference {source!r}: expected 'run', a folder of images or a .tar glob; "
-                            f"no such folder and no tar files match")
+    if not files:
+        raise UserError(f"eval.reference {source!r}: expected 'run', a folder of images or a .tar glob; "
+                        f"no such folder and no tar files match")
     n = 0
-    for t in tars:
+    for t in files:
         for key, _, data in iter_members(t, exts=IMAGE_EXTS):
-            yield key, decode_image(data)  # full decode, as the other sources
+            try:
+                img = decode_image(data)  # full decode, as the other sources
+            except Exception as e:  # any decode failure: this image is left out, said so
+                log.warning("eval.reference: %s in %s does not decode (%s: %s); left out", key, t,
+                            type(e).__name__, e)
+                continue
+            yield key, img
             n += 1
             if n >= limit:
                 return
@@ -307,38 +351,84 @@ def _batches(items: Iterable, size: int):
         yield batch
 
 
-def reference_cache_key(source: str, run_dir: Any, spec: dict, limit: int) -> str:
-    """Keyed by what the reference statistics depend on: the images, their number, the features,
-    and how images are decoded and resized before the features."""
+def feature_weights(ecfg, mcfg, spec: dict) -> str:
+    """The feature extractor's weights: ``tiny``, or the sha256 of the CLIP checkpoint or Inception file
+    (hashed once per process while the file's size and mtime stay the same)."""
+    from t2i_curate.pipeline.weights import weight_digest
+
+    if spec["feature"].startswith("clip:tiny:"):
+        return "tiny"
+    if spec["feature"].startswith("clip:"):
+        from t2i_curate.pipeline.weights import clip_checkpoint
+
+        return weight_digest(Path(clip_checkpoint(ecfg.feature_clip, mcfg)))
+    return weight_digest(Path(ecfg.inception_weights))
+
+
+def reference_cache_covers(source: str, run_dir: Any, spec: dict, limit: int, weights: str | None = None,
+                           identity: tuple | None = None) -> dict[str, Any]:
+    """Everything the reference statistics depend on: the reference files (:func:`reference_files`: names
+    with sizes and mtimes, or sha256s), ``eval.max_reference``, the features (name and weights' sha256, or
+    tiny), the protocol and how images are decoded and resized, and the library versions."""
+    import torch
     import torchmetrics
 
-    if source == "run":
-        manifest = RunLayout(run_dir).manifest
-        ident = json.loads(manifest.read_text())["shards"] if manifest.exists() else []
-    else:
-        ident = source
-    blob = json.dumps({"ref": ident, "limit": limit, "spec": spec, "resize": resize_protocol(spec),
-                       "tm": torchmetrics.__version__}, sort_keys=True)
+    kind, _, ident = identity or reference_files(source, run_dir, limit)
+    return {"reference": {"source": source, "kind": kind, "files": ident}, "max_reference": limit,
+            "feature": spec["feature"], "feature_weights": weights, "protocol": spec["protocol"],
+            "resize": resize_protocol(spec), "spec": spec, "torchmetrics": torchmetrics.__version__,
+            "torch": torch.__version__}
+
+
+def cache_key(covers: dict) -> str:
+    blob = json.dumps(covers, sort_keys=True, default=str)  # ensure_ascii: any file name encodes
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _reference_features(fid, kid, ecfg, run_dir: Any, cache: Path) -> int:
-    """Reference statistics into ``fid`` and ``kid``: from the cache, or computed and cached. Returns N."""
+def reference_cache_key(source: str, run_dir: Any, spec: dict, limit: int, weights: str | None = None) -> str:
+    """The reference cache key (16 hex digits of the sha256 of :func:`reference_cache_covers`)."""
+    return cache_key(reference_cache_covers(source, run_dir, spec, limit, weights))
+
+
+def _describe(covers: dict) -> str:
+    """What a cache key covers, in one line for the log."""
+    ref = covers["reference"]
+    files = ref["files"]
+    what = {"run": "curated tars (name, size, mtime, manifest sha256)", "folder": "images (path, size, mtime, ctime)",
+            "tars": "tar files (path, size, mtime, ctime)"}[ref["kind"]]
+    return (f"{len(files)} {what} of {ref['source']}, max_reference {covers['max_reference']}, features "
+            f"{covers['feature']} (weights {str(covers['feature_weights'])[:16]}), protocol {covers['protocol']}, "
+            f"torchmetrics {covers['torchmetrics']}")
+
+
+def _reference_features(fid, kid, ecfg, run_dir: Any, cache: Path, covers: dict | None = None,
+                        listing: tuple | None = None) -> int:
+    """Reference statistics into ``fid`` and ``kid``: from the cache, or computed and cached. Returns N.
+    The cache file also holds what its key covers; a file whose record differs is not used."""
     import torch
 
+    key = cache.stem.removeprefix("reference-")
+    state = None
     if cache.exists():
         state = torch.load(cache, map_location="cpu", weights_only=True)
+        if covers is not None and state.get("covers") != json.dumps(covers, sort_keys=True, default=str):
+            log.warning("reference cache %s was made from other inputs; computing again", cache.name)
+            state = None
+    if state is not None:
         fid.real_features_sum = state["fid_sum"]
         fid.real_features_cov_sum = state["fid_cov_sum"]
         fid.real_features_num_samples = state["fid_n"]
         kid.real_features = [state["kid_features"]]
-        log.info("reference statistics from cache %s (N=%d)", cache.name, int(state["fid_n"]))
+        log.info("reference statistics from cache %s (key %s, N=%d: %s)", cache.name, key, int(state["fid_n"]),
+                 _describe(covers) if covers else "")
         return int(state["fid_n"])
     from tqdm import tqdm
 
+    if covers:
+        log.info("reference statistics: computing (key %s: %s)", key, _describe(covers))
     n_ref = 0
-    for batch in tqdm(_batches(iter_reference_images(ecfg.reference, run_dir, ecfg.max_reference), 32),
-                      desc="reference features", unit="batch"):
+    images = iter_reference_images(ecfg.reference, run_dir, ecfg.max_reference, listing=listing)
+    for batch in tqdm(_batches(images, 32), desc="reference features", unit="batch"):
         n_ref += update_metrics([fid, kid], (img for _, img in batch), ecfg.fid_protocol, real=True)
     if n_ref < 2:
         raise UserError(f"eval.reference: expected at least 2 reference images, found {n_ref}")
@@ -347,7 +437,8 @@ def _reference_features(fid, kid, ecfg, run_dir: Any, cache: Path) -> int:
     with atomic_path(cache) as tmp:
         torch.save({"fid_sum": fid.real_features_sum, "fid_cov_sum": fid.real_features_cov_sum,
                     "fid_n": fid.real_features_num_samples, "kid_features": torch.cat(kid.real_features),
-                    "protocol": ecfg.fid_protocol}, tmp)
+                    "protocol": ecfg.fid_protocol,
+                    "covers": json.dumps(covers, sort_keys=True, default=str) if covers else ""}, tmp)
     return n_ref
 
 
@@ -356,13 +447,16 @@ def fid_kid(ecfg, mcfg, tiny: bool, run_dir: Any, generated: list, cache_dir: Pa
     protocol. ``run_dir`` may be on an object store; ``cache_dir`` is local (torch.load / torch.save).
     Paths are opened 32 at a time and dropped after their features are taken."""
     spec = feature_spec(ecfg, tiny)
-    key = reference_cache_key(ecfg.reference, run_dir, spec, ecfg.max_reference)
+    weights = feature_weights(ecfg, mcfg, spec)
+    identity = reference_files(ecfg.reference, run_dir, ecfg.max_reference)
+    covers = reference_cache_covers(ecfg.reference, run_dir, spec, ecfg.max_reference, weights, identity)
     fid, kid = build_fid_kid(ecfg, mcfg, tiny, n_min=len(generated))
-    n_ref = _reference_features(fid, kid, ecfg, run_dir, cache_dir / f"reference-{key}.pt")
+    n_ref = _reference_features(fid, kid, ecfg, run_dir, cache_dir / f"reference-{cache_key(covers)}.pt", covers,
+                                listing=identity)
     for batch in _batches(generated, 32):
         update_metrics([fid, kid], batch, ecfg.fid_protocol, real=False)
     n_kid = min(n_ref, len(generated))
     kid.subset_size = max(2, min(kid.subset_size, n_kid))
     kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std),
-            "protocol": protocol(spec, n_ref, len(generated))}
+            "protocol": protocol(spec, n_ref, len(generated)), "feature_weights": weights}

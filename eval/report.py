@@ -66,7 +66,11 @@ def _summary_section(m: dict) -> tuple[list[str], list[str]]:
     fid = f"{m['fid']:.2f} (N gen {proto['n_generated']}, N ref {proto['n_reference']})"
     probs = m.get("input_problems")
     measured = str(m["n_images"]) + (f" (left out: {probs['no_prompt']} without a prompt row, {probs['no_image']} "
-                                     f"prompt rows without an image, {probs['unreadable']} unreadable)" if probs else "")
+                                     f"prompt rows without an image, {probs['unreadable']} unreadable"
+                                     + (f", {probs['bad_row']} prompt rows that cannot be used"
+                                        if probs.get("bad_row") else "")
+                                     + (f", {probs['bad_name']} image file names that are not UTF-8"
+                                        if probs.get("bad_name") else "") + ")" if probs else "")
     items = [("images", measured), ("FID", fid), ("KID", f"{m['kid_mean']:.4f} ± {m['kid_std']:.4f}"),
              ("FID protocol", proto["resize"] if proto.get("protocol") else f"(before protocols) {proto['resize']}"),
              ("feature extractor", proto["feature"]), ("CLIP score", _clip_line(m))]

@@ -9,9 +9,11 @@ JSONL (``tag``, ``prompt``, ``include``), DrawBench CSV (``Prompts``,
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+from t2i_curate.eval.external import json_type
 from t2i_curate.pipeline.errors import UserError
 
 BUILTIN = Path(__file__).resolve().parent / "prompts"
@@ -25,44 +27,91 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in s.lower()).strip("_")
 
 
+def _read_text(path: Path) -> str:
+    """A suite file's text; one that is not UTF-8 is refused, naming the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SuiteError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+
+
+def _text(row: dict, key: str, where: str, numbers: bool = False) -> None:
+    """``row[key]``, when present, must be text (``numbers``: a number is taken as its text)."""
+    v = row.get(key)
+    if v is None or isinstance(v, str):
+        return
+    if numbers and isinstance(v, (int, float)) and not isinstance(v, bool):
+        row[key] = str(v)
+        return
+    raise SuiteError(f"{where}: {key!r}: expected text, got {json_type(v)} {json.dumps(v, default=str)[:80]}")
+
+
 def load_jsonl_suite(path: Path) -> list[dict]:
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
+    for i, line in enumerate(_read_text(path).splitlines()):
         if not line.strip():
             continue
+        where = f"{path}:{i + 1}"
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise SuiteError(f"{path}:{i + 1}: not JSON: {e}") from None
+            raise SuiteError(f"{where}: not JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise SuiteError(f"{where}: expected a JSON object with a 'prompt' key, got {json_type(row)}")
         if "prompt" not in row:
-            raise SuiteError(f"{path}:{i + 1}: expected a 'prompt' key, got {sorted(row)}")
+            raise SuiteError(f"{where}: expected a 'prompt' key, got {sorted(row)}")
+        _text(row, "prompt", where)
+        if not row["prompt"]:
+            raise SuiteError(f"{where}: empty prompt")
         if "tag" in row and "category" not in row:  # GenEval metadata
+            _text(row, "tag", where)
             row = {"id": f"geneval-{i:04d}", "category": row["tag"], "prompt": row["prompt"],
                    "include": json.dumps(row.get("include", []))}
-        row.setdefault("id", f"{Path(path).stem}-{i:04d}")
-        row.setdefault("category", Path(path).stem)
+        for key in ("id", "category", "occupation"):
+            _text(row, key, where, numbers=True)
+        row["id"] = row.get("id") or f"{Path(path).stem}-{i:04d}"
+        row["category"] = row.get("category") or Path(path).stem
         rows.append(row)
     return rows
 
 
+def _csv_rows(path: Path, delimiter: str = ","):
+    return csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+
+
 def load_partiprompts(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        if not reader.fieldnames or "Prompt" not in reader.fieldnames:
-            raise SuiteError(f"{path}: expected PartiPrompts columns Prompt, Category, Challenge; "
-                             f"got {reader.fieldnames}")
-        return [{"id": f"parti-{i:04d}", "category": _slug(r.get("Category") or "uncategorised"),
-                 "prompt": r["Prompt"], "challenge": r.get("Challenge") or ""} for i, r in enumerate(reader)]
+    reader = _csv_rows(path, "\t")
+    if not reader.fieldnames or "Prompt" not in reader.fieldnames:
+        raise SuiteError(f"{path}: expected PartiPrompts columns Prompt, Category, Challenge; "
+                         f"got {reader.fieldnames}")
+    return _with_prompts(path, reader, lambda i, r: {
+        "id": f"parti-{i:04d}", "category": _slug(r.get("Category") or "uncategorised"), "prompt": r["Prompt"],
+        "challenge": r.get("Challenge") or ""})
 
 
 def load_drawbench(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        col = next((c for c in (reader.fieldnames or []) if c.lower() in ("prompts", "prompt")), None)
-        if col is None:
-            raise SuiteError(f"{path}: expected DrawBench columns Prompts, Category; got {reader.fieldnames}")
-        return [{"id": f"drawbench-{i:04d}", "category": _slug(r.get("Category") or "drawbench"),
-                 "prompt": r[col]} for i, r in enumerate(reader)]
+    reader = _csv_rows(path)
+    col = next((c for c in (reader.fieldnames or []) if c.lower() in ("prompts", "prompt")), None)
+    if col is None:
+        raise SuiteError(f"{path}: expected DrawBench columns Prompts, Category; got {reader.fieldnames}")
+    return _with_prompts(path, reader, lambda i, r: {
+        "id": f"drawbench-{i:04d}", "category": _slug(r.get("Category") or "drawbench"), "prompt": r[col]})
+
+
+def _with_prompts(path: Path, reader, make) -> list[dict]:
+    """Rows of a csv suite; a row without a prompt (a short or empty row) is refused, naming its line."""
+    rows = []
+    try:
+        for i, r in enumerate(reader):
+            row = make(i, r)
+            if not row["prompt"]:
+                raise SuiteError(f"{path}:{reader.line_num}: no prompt in this row")
+            rows.append(row)
+    except csv.Error as e:
+        raise SuiteError(f"{path}:{reader.line_num}: not CSV: {e}") from None
+    return rows
 
 
 def load_suite(name_or_path: str) -> list[dict]:
