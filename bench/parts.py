@@ -66,8 +66,8 @@ def _schema():
 
 def child(folder: str, runs: str, mode: str) -> None:
     """One measured normalisation in this process; prints a JSON line."""
-    from t2i_curate.pipeline import parts
-    from t2i_curate.pipeline.config import load_config
+    from t2i_curate.pipeline.core.config import load_config
+    from t2i_curate.pipeline.download import parts
 
     if mode == "stream":
         parts.split_batch = lambda cfg, table, dcfg, reason=None: (table, None, 0)
@@ -85,8 +85,8 @@ def child(folder: str, runs: str, mode: str) -> None:
 
 def whole_list(folder: str) -> None:
     """The single-file path on one part: the whole part read into one table, then normalised."""
-    from t2i_curate.pipeline.config import InputConfig
-    from t2i_curate.pipeline.download import normalise_input, read_url_list
+    from t2i_curate.pipeline.core.config import InputConfig
+    from t2i_curate.pipeline.download.stage import normalise_input, read_url_list
 
     part = sorted(Path(folder).glob("part-*.parquet"))[0]
     t = time.perf_counter()

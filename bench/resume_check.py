@@ -35,9 +35,9 @@ log = logging.getLogger("bench.resume_check")
 def _fake_run(root, n: int, settings: dict) -> None:
     import pyarrow as pa
 
-    from t2i_curate.pipeline.io import file_stamp, write_json, write_parquet
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.shard_scoring import META_KEY
+    from t2i_curate.pipeline.core.io import file_stamp, write_json, write_parquet
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.core.scores import META_KEY
 
     lay = RunLayout(root)
 
@@ -55,8 +55,8 @@ def _fake_run(root, n: int, settings: dict) -> None:
 
 def _per_file(lay, shards: list[int], settings: dict) -> set[int]:
     """The old way: a stamp from each file's own stat, then the score footer, shard after shard."""
-    from t2i_curate.pipeline.io import file_stamp
-    from t2i_curate.pipeline.shard_scoring import shard_is_current
+    from t2i_curate.pipeline.core.io import file_stamp
+    from t2i_curate.pipeline.core.scores import shard_is_current
 
     return {s for s in shards if shard_is_current(
         lay.score_parquet(s), file_stamp(lay.download_parquet(s), lay.download_tar(s)), settings)}
@@ -88,9 +88,9 @@ def main() -> None:
 
 
 def _measure(bucket: str, n: int, repeats: int) -> list[dict]:
-    from t2i_curate.pipeline.io import as_path
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.shard_scoring import current_shards
+    from t2i_curate.pipeline.core.io import as_path
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.core.scores import current_shards
 
     root = as_path(f"{bucket}/run")
     root.fs.mkdir(bucket.removeprefix("s3://"))

@@ -33,7 +33,7 @@ def _peak_rss_mb() -> float:
 
 
 def _cfg(n: int, workers: int, name: str = "bench", extra: tuple = ()):
-    from t2i_curate.pipeline.config import load_config
+    from t2i_curate.pipeline.core.config import load_config
 
     return load_config("demo", [f"runs_dir={OUT / 'runs'}", f"name={name}", f"input.demo_size={n}",
                                 "download.allow_private_addresses=true",  # the bombs step serves on loopback
@@ -44,8 +44,8 @@ def _cfg(n: int, workers: int, name: str = "bench", extra: tuple = ()):
 
 
 def step_download(n: int, workers: int, bare: bool) -> dict:
-    from t2i_curate.pipeline.demo import serve_demo
-    from t2i_curate.pipeline.download import (
+    from t2i_curate.pipeline.download.demo import serve_demo
+    from t2i_curate.pipeline.download.stage import (
         _img2dataset_kwargs,
         download_stage,
         prepare_input,
@@ -75,8 +75,8 @@ def step_bombs(rows: int, bombs: int, max_pixels: int | None = None) -> dict:
 
     from PIL import Image
 
-    from t2i_curate.pipeline.demo import serve_folder
-    from t2i_curate.pipeline.download import download_stage
+    from t2i_curate.pipeline.download.demo import serve_folder
+    from t2i_curate.pipeline.download.stage import download_stage
     from t2i_curate.pipeline.runfolder import prepare_run
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -110,7 +110,7 @@ def _decode_only_shard(run_dir: str, shard: int) -> int:
 
     from t2i_curate.filters.clip import OPENAI_MEAN, OPENAI_STD
     from t2i_curate.filters.watermark import watermark_transform
-    from t2i_curate.pipeline.decode import decode_image
+    from t2i_curate.pipeline.core.images import decode_image
 
     clip_t = open_clip.image_transform(224, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
     wm_t = watermark_transform()
@@ -135,9 +135,9 @@ def _init_threads(threads: int) -> None:
 
 
 def step_decode(n: int, workers: int, shards: int) -> dict:
-    from t2i_curate.pipeline.executors import map_shards
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.score import score_processes
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.executors.shards import map_shards
+    from t2i_curate.pipeline.score.stage import score_processes
 
     run = OUT / "runs" / "bench"
     ids = RunLayout(run).finished_downloads()[:shards]
@@ -151,8 +151,8 @@ def step_decode(n: int, workers: int, shards: int) -> dict:
 
 
 def step_score(n: int, workers: int, shards: int, executor: str = "local") -> dict:
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.score import score_stage
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.score.stage import score_stage
 
     cfg = _cfg(n, workers, extra=(f"executor={executor}", f"ray.num_cpus={workers}"))
     run = cfg.run_dir
@@ -193,8 +193,8 @@ def step_real_sizes(batch: int) -> dict:
 
 
 def step_write(n: int, workers: int, limit: int | None = None) -> dict:
-    from t2i_curate.pipeline.selection import select_stage
-    from t2i_curate.pipeline.write import write_stage
+    from t2i_curate.pipeline.select.stage import select_stage
+    from t2i_curate.pipeline.write.stage import write_stage
 
     rules = f"select.rules=[{{name: first, keep: 'input_row < {limit}'}}]" if limit else "select.rules=[]"
     cfg = _cfg(n, workers, extra=(rules,))
@@ -217,7 +217,7 @@ def step_write(n: int, workers: int, limit: int | None = None) -> dict:
 def step_sample(prompts: int) -> dict:
     """Tiny sampler throughput at the demo's eval settings (64 px, 4 steps, batch 8)."""
     from t2i_curate.eval.sampler import sample
-    from t2i_curate.pipeline.config import EvalConfig
+    from t2i_curate.pipeline.core.config import EvalConfig
 
     out = OUT / "sample"
     shutil.rmtree(out, ignore_errors=True)
@@ -298,17 +298,17 @@ def _photo_tar(count: int = 120) -> Path:
 
 def _scorer_transforms(decode: str = "exact"):
     """The inputs the demo's scorers declare, as the score stage builds them (tiny models)."""
-    from t2i_curate.pipeline.score import ShardScorer
+    from t2i_curate.pipeline.score.shards import ShardScorer
 
     scorer = ShardScorer(_cfg(20, 1, extra=(f"score.decode={decode}",)).score)
     return scorer.transforms, scorer.draft
 
 
 def step_decode_ours(decode: str = "exact") -> dict:
-    """The scoring pass's decode and preprocessing alone (pipeline/decode.py), one process."""
+    """The scoring pass's decode and preprocessing alone (pipeline/score/decode.py), one process."""
     import torch
 
-    from t2i_curate.pipeline.decode import TarImages
+    from t2i_curate.pipeline.score.decode import TarImages
 
     torch.set_num_threads(1)
     tar = _photo_tar()
@@ -347,7 +347,7 @@ def step_decode_min() -> dict:
 
 def step_decode_diff() -> dict:
     """How far "fast" (JPEG draft) inputs are from "exact" ones, per input, on the photo shard."""
-    from t2i_curate.pipeline.decode import TarImages
+    from t2i_curate.pipeline.score.decode import TarImages
 
     tar = _photo_tar()
     keys = [f"{i:09d}" for i in range(10**4)]
@@ -380,9 +380,9 @@ def step_decode_gpu() -> dict:
     on the photo shard's tensor-able inputs (CLIP, watermark): input difference per input, and img/s."""
     import torch
 
-    from t2i_curate.pipeline.config import ScoreConfig
-    from t2i_curate.pipeline.decode import iter_decoded_batches
-    from t2i_curate.pipeline.gpu_decode import iter_gpu_batches, split_transforms
+    from t2i_curate.pipeline.core.config import ScoreConfig
+    from t2i_curate.pipeline.score.decode import iter_decoded_batches
+    from t2i_curate.pipeline.score.gpu_decode import iter_gpu_batches, split_transforms
 
     torch.set_num_threads(1)
     tar = _photo_tar()
@@ -411,9 +411,9 @@ def step_forward(n: int, shards: int) -> dict:
 
     from t2i_curate.filters.modelbank import ModelBank
     from t2i_curate.filters.registry import configured
-    from t2i_curate.pipeline.decode import decode_image
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.tars import iter_members
+    from t2i_curate.pipeline.core.images import decode_image
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.core.tars import iter_members
 
     cfg = _cfg(n, 1)
     lay = RunLayout(cfg.run_dir)
@@ -548,8 +548,8 @@ def ab(ours: tuple[str, dict], base: tuple[str, dict], pairs: int = 3) -> dict:
 
 def step_score_replicated(n: int, images: int) -> dict:
     """Score ``images`` images: the bench run's download shards copied under new shard numbers."""
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.score import score_stage
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.score.stage import score_stage
 
     src = RunLayout(_cfg(n, 1).run_dir)
     cfg = _cfg(n, 2, name=f"scale{images}")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from t2i_curate.eval.skin_tone import MONK, MONK_ITA_EDGES, UNDETECTED, monk_tone, skin_mask  # noqa: F401
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

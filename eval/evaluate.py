@@ -30,8 +30,8 @@ from t2i_curate.eval.stats import (
     clip_cosine,
     clip_score_torchmetrics,
 )
-from t2i_curate.pipeline.config import RunConfig
-from t2i_curate.pipeline.io import TMP_MARK, as_path, is_remote, upload, write_json, write_parquet
+from t2i_curate.pipeline.core.config import RunConfig
+from t2i_curate.pipeline.core.io import TMP_MARK, as_path, is_remote, upload, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 # columns measure adds to eval_images (older eval folders also have the bias ones); stripped when re-measuring.
@@ -43,7 +43,7 @@ def _clip_bundle(name: str, mcfg, device: str = "cpu"):
     """The eval CLIP, on ``device`` (fp16 on CUDA); its ``name`` says ``tiny:`` when the tiny stand-in ran
     and its ``sha256`` names the weights."""
     from t2i_curate.filters.clip import load_clip
-    from t2i_curate.pipeline.devices import model_dtype
+    from t2i_curate.pipeline.core.devices import model_dtype
 
     bundle = load_clip(name, mcfg)
     bundle.model.to(device, model_dtype(device))
@@ -97,7 +97,7 @@ def _load_images(out_dir: Path) -> tuple[list[dict], _LazyImages]:
     rows = [{k: v for k, v in r.items() if k not in MEASURE_COLUMNS and not k.startswith("p_fail_")}
             for r in table.to_pylist()]
     if not rows:
-        from t2i_curate.pipeline.errors import UserError
+        from t2i_curate.pipeline.core.errors import UserError
 
         raise UserError(f"{out_dir}/eval_images.parquet has no images; run the sampler first")
     return rows, _LazyImages([out_dir / r["file"] for r in rows])
@@ -223,8 +223,8 @@ def measure(cfg: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
     from t2i_curate.eval.bias import bias_audit
     from t2i_curate.eval.examples import census
     from t2i_curate.eval.nsfw import nsfw_audit
-    from t2i_curate.pipeline.devices import pick_device
-    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.core.devices import pick_device
+    from t2i_curate.pipeline.core.layout import RunLayout
 
     rows, images = _load_images(out_dir)
     mcfg, device = eval_models(cfg), pick_device(cfg.eval.device)
@@ -287,7 +287,7 @@ def _empty_bias(tag: str) -> dict:
 def eval_dir(cfg: RunConfig) -> Path:
     """``runs/<name>/eval/<tag>``; the tag defaults to the model name made file-safe (a ``UPath`` when the
     run is on an object store: see :func:`work_dir` for where eval writes)."""
-    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.core.layout import RunLayout
 
     source = f"images-{Path(cfg.eval.images).resolve().name}" if cfg.eval.images else cfg.eval.model.strip("/")
     tag = cfg.eval.tag or "".join(c if c.isalnum() or c in "-_." else "_" for c in source)
@@ -297,7 +297,7 @@ def eval_dir(cfg: RunConfig) -> Path:
 def staging_root(run_dir) -> Path:
     """The local folder where the evals of a run on an object store are made (``layout.local_cache``:
     ``$XDG_CACHE_HOME/t2i_curate/eval/<first 16 hex of sha256 of the run URL>``, default ``~/.cache``)."""
-    from t2i_curate.pipeline.layout import local_cache
+    from t2i_curate.pipeline.core.layout import local_cache
 
     return local_cache("eval", as_path(run_dir))
 
@@ -322,7 +322,7 @@ def local_eval_folder(folder) -> Path:
         return folder
     local = staging_dir(folder.parent.parent, folder.name)
     if not (local / "metrics.json").exists():
-        from t2i_curate.pipeline.errors import UserError
+        from t2i_curate.pipeline.core.errors import UserError
 
         raise UserError(f"{folder} is on an object store and this machine has no finished copy of it in its "
                         f"staging folder {local}: run `curate eval` for that run here (it stages there, then "
@@ -362,10 +362,10 @@ def publish(local: Path, remote) -> int:
 def _check_run(cfg: RunConfig) -> None:
     """Refuse before any work: no curated shards for ``eval.reference=run``, or a bad judge setting."""
     from t2i_curate.eval.judge import configured_judges
-    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.core.layout import RunLayout
 
     if cfg.eval.reference == "run" and not RunLayout(cfg.run_dir).manifest.exists():
-        from t2i_curate.pipeline.selection import StageOrderError
+        from t2i_curate.pipeline.core.errors import StageOrderError
 
         raise StageOrderError(f"eval.reference=run but {cfg.run_dir} has no curated shards: run `make filter` "
                               f"(curate run) first, or set eval.reference to a folder")
@@ -396,8 +396,8 @@ def clean_eval_tmp(cfg: RunConfig) -> int:
     cache (local; for a run on an object store, this machine's staging folders and this tag's remote eval
     folder), and the catalog's temporary beside ``catalog.duckdb``. Only under the run's lock (``curate eval``
     holds it): no other writer of the run is running. Returns how many were removed."""
-    from t2i_curate.pipeline.io import clean_tmp
-    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.core.io import clean_tmp
+    from t2i_curate.pipeline.core.layout import RunLayout
 
     lay = RunLayout(cfg.run_dir)
     final = eval_dir(cfg)
@@ -423,7 +423,7 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
     from t2i_curate.eval.report import build_report
     from t2i_curate.eval.sampler import sample
     from t2i_curate.eval.suites import load_suites
-    from t2i_curate.pipeline.catalog import refresh_catalog
+    from t2i_curate.pipeline.core.catalog import refresh_catalog
 
     _check_run(cfg)
     clean_eval_tmp(cfg)
@@ -436,7 +436,7 @@ def run_eval(cfg: RunConfig) -> dict[str, Any]:
         from t2i_curate.eval.external import external_images
 
         if not cfg.eval.prompts:
-            from t2i_curate.pipeline.errors import UserError
+            from t2i_curate.pipeline.core.errors import UserError
 
             raise UserError("--images needs --prompts FILE: which prompt and category each image file answers")
         external = external_images(Path(cfg.eval.images), Path(cfg.eval.prompts), out)

@@ -21,9 +21,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from t2i_curate.pipeline.errors import UserError
-from t2i_curate.pipeline.io import write_json, write_parquet
-from t2i_curate.pipeline.tars import IMAGE_EXTS
+from t2i_curate.pipeline.core.errors import UserError
+from t2i_curate.pipeline.core.io import write_json, write_parquet
+from t2i_curate.pipeline.core.tars import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
 PROBLEM_KINDS = ("no_prompt", "no_image", "unreadable", "bad_row", "bad_name")

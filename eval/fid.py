@@ -22,8 +22,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from t2i_curate.pipeline.errors import UserError
-from t2i_curate.pipeline.layout import RunLayout
+from t2i_curate.pipeline.core.errors import UserError
+from t2i_curate.pipeline.core.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ def reference_files(source: str, run_dir: Any, limit: int) -> tuple[str, list, l
     files (:func:`iter_reference_images` refuses it)."""
     import glob
 
-    from t2i_curate.pipeline.io import TMP_MARK, file_stats
-    from t2i_curate.pipeline.tars import IMAGE_EXTS
+    from t2i_curate.pipeline.core.io import TMP_MARK, file_stats
+    from t2i_curate.pipeline.core.tars import IMAGE_EXTS
 
     if source == "run":
         lay = RunLayout(run_dir)
@@ -155,12 +155,12 @@ def iter_reference_images(source: str, run_dir: Any, limit: int,
     with a warning (N counts the images used)."""
     from PIL import Image
 
-    from t2i_curate.pipeline.decode import decode_image
-    from t2i_curate.pipeline.tars import IMAGE_EXTS, iter_members
+    from t2i_curate.pipeline.core.images import decode_image
+    from t2i_curate.pipeline.core.tars import IMAGE_EXTS, iter_members
 
     kind, files, _ = listing or reference_files(source, run_dir, limit)
     if kind == "run" and not files:
-        from t2i_curate.pipeline.selection import StageOrderError
+        from t2i_curate.pipeline.core.errors import StageOrderError
 
         raise StageOrderError(f"eval.reference=run: {run_dir}/selected has no curated shards; run `make filter` "
                               f"(or `curate run`) first, or set eval.reference to a folder of images")
@@ -263,7 +263,7 @@ def inception_label(path: Path) -> str:
     (torch-fidelity itself loads it with ``weights_only=False``, so nothing else is handed to it)."""
     import torch
 
-    from t2i_curate.pipeline.io import sha256_file
+    from t2i_curate.pipeline.core.io import sha256_file
 
     try:
         torch.load(path, map_location="cpu", weights_only=True)
@@ -281,7 +281,7 @@ def feature_spec(ecfg, tiny: bool) -> dict[str, Any]:
     proto = ecfg.fid_protocol
     if ecfg.inception_weights:
         if not Path(ecfg.inception_weights).is_file():
-            from t2i_curate.pipeline.weights import WeightsMissingError
+            from t2i_curate.pipeline.core.weights import WeightsMissingError
 
             raise WeightsMissingError(f"eval.inception_weights: {ecfg.inception_weights} does not exist")
         net = ("none (images are 299 px already)" if proto == "clean" else
@@ -354,12 +354,12 @@ def _batches(items: Iterable, size: int):
 def feature_weights(ecfg, mcfg, spec: dict) -> str:
     """The feature extractor's weights: ``tiny``, or the sha256 of the CLIP checkpoint or Inception file
     (hashed once per process while the file's size and mtime stay the same)."""
-    from t2i_curate.pipeline.weights import weight_digest
+    from t2i_curate.pipeline.core.weights import weight_digest
 
     if spec["feature"].startswith("clip:tiny:"):
         return "tiny"
     if spec["feature"].startswith("clip:"):
-        from t2i_curate.pipeline.weights import clip_checkpoint
+        from t2i_curate.pipeline.core.weights import clip_checkpoint
 
         return weight_digest(Path(clip_checkpoint(ecfg.feature_clip, mcfg)))
     return weight_digest(Path(ecfg.inception_weights))
@@ -432,7 +432,7 @@ def _reference_features(fid, kid, ecfg, run_dir: Any, cache: Path, covers: dict 
         n_ref += update_metrics([fid, kid], (img for _, img in batch), ecfg.fid_protocol, real=True)
     if n_ref < 2:
         raise UserError(f"eval.reference: expected at least 2 reference images, found {n_ref}")
-    from t2i_curate.pipeline.io import atomic_path
+    from t2i_curate.pipeline.core.io import atomic_path
 
     with atomic_path(cache) as tmp:
         torch.save({"fid_sum": fid.real_features_sum, "fid_cov_sum": fid.real_features_cov_sum,

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.errors import UserError
 
 FAILURE_CATEGORIES = ("human_limbs", "horses", "quadrupeds")
 

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from t2i_curate.eval.judge import Judge
 from t2i_curate.eval.vision import Observation, mediapipe_provenance, observe_rows
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.errors import UserError
 
 # MediaPipe hand landmark chains: wrist, then each finger's joints to its tip (thumb first)
 FINGERS = ((0, 1, 2, 3, 4), (0, 5, 6, 7, 8), (0, 9, 10, 11, 12), (0, 13, 14, 15, 16), (0, 17, 18, 19, 20))

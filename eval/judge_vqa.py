@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from t2i_curate.eval.judge import Judge
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def locate_model(model: str) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    from t2i_curate.pipeline.weights import WeightsMissingError
+    from t2i_curate.pipeline.core.weights import WeightsMissingError
 
     if model == "tiny":
         return None
@@ -263,7 +263,7 @@ class VQAJudge(Judge):
     def _dtype(self):
         import torch
 
-        from t2i_curate.pipeline.devices import model_dtype
+        from t2i_curate.pipeline.core.devices import model_dtype
 
         if self.options.dtype == "auto":
             return model_dtype(torch.device(self.device).type)
@@ -307,7 +307,7 @@ class VQAJudge(Judge):
     def provenance(self) -> dict:
         """transformers and its version; the model (hub id or folder, ``tiny`` for a tiny one), its class and
         the sha256 of each weight file (``tiny`` for random weights); the questions asked."""
-        from t2i_curate.pipeline.weights import weight_digest
+        from t2i_curate.pipeline.core.weights import weight_digest
 
         arch = type(self._loaded[1]).__name__ if self._loaded else ""
         if self.folder is not None:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ def nudenet_record() -> dict[str, Any]:
 def _punsafe_head(bundle, mcfg, dim: int) -> tuple[Any, dict[str, Any]]:
     """(the LAION detector for the eval CLIP, or None; its record, with ``status`` saying why not)."""
     from t2i_curate.filters.nsfw import load_converted, nsfw_files
-    from t2i_curate.pipeline.weights import WeightsMissingError, resolve_weight, weight_digest
+    from t2i_curate.pipeline.core.weights import WeightsMissingError, resolve_weight, weight_digest
 
     name = getattr(bundle, "name", "") or ""
     rec: dict[str, Any] = {"detector": "punsafe", "model": "LAION CLIP-based-NSFW-Detector", "clip": name,

@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from t2i_curate.pipeline.io import atomic_path
+from t2i_curate.pipeline.core.io import atomic_path
 
 
 def _thumb(path: Path, size: int = 128) -> str:
@@ -119,7 +119,7 @@ def _failure_section(m: dict) -> tuple[list[str], list[str]]:
 
 def _coverage_section(out_dir: Path, m: dict) -> tuple[list[str], list[str]]:
     """Failure rate next to the training run's concept coverage (``eval.training_run``, pipeline/coverage.py)."""
-    from t2i_curate.pipeline.coverage import eval_coverage_section
+    from t2i_curate.pipeline.report.coverage import eval_coverage_section
 
     return eval_coverage_section(out_dir, m)
 

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from t2i_curate.pipeline.config import EvalConfig
-from t2i_curate.pipeline.io import atomic_path, write_parquet
+from t2i_curate.pipeline.core.config import EvalConfig
+from t2i_curate.pipeline.core.io import atomic_path, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def tiny_pipeline():
 def resolve_device_dtype(ecfg: EvalConfig):
     import torch
 
-    from t2i_curate.pipeline.devices import model_dtype, pick_device
+    from t2i_curate.pipeline.core.devices import model_dtype, pick_device
 
     device = pick_device(ecfg.device)
     if ecfg.dtype == "auto":
@@ -93,7 +93,7 @@ def load_pipeline(ecfg: EvalConfig):
         try:
             pipe = AutoPipelineForText2Image.from_pretrained(ecfg.model, torch_dtype=dtype)
         except OSError as e:
-            from t2i_curate.pipeline.weights import WeightsMissingError
+            from t2i_curate.pipeline.core.weights import WeightsMissingError
 
             raise WeightsMissingError(
                 f"eval.model {ecfg.model!r}: cannot load the pipeline ({e}). Give a local folder saved with "
@@ -103,7 +103,7 @@ def load_pipeline(ecfg: EvalConfig):
 
         cls = getattr(diffusers, ecfg.scheduler, None)
         if cls is None:
-            from t2i_curate.pipeline.errors import UserError
+            from t2i_curate.pipeline.core.errors import UserError
 
             raise UserError(f"eval.scheduler {ecfg.scheduler!r}: expected a diffusers scheduler class name, "
                             f"e.g. DPMSolverMultistepScheduler")
@@ -197,7 +197,7 @@ def sample(ecfg: EvalConfig, prompts: list[dict], out_dir: Path, executor: str =
     if todo and executor == "ray":
         from functools import partial
 
-        from t2i_curate.pipeline.executors import map_shards
+        from t2i_curate.pipeline.executors.shards import map_shards
 
         n_chunks = max(1, min(len(todo), 2 * workers))
         chunks = [(i, tuple(tuple(sorted(r.items())) for r in todo[i::n_chunks])) for i in range(n_chunks)]

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from t2i_curate.eval.external import json_type
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.errors import UserError
 
 BUILTIN = Path(__file__).resolve().parent / "prompts"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from t2i_curate.filters.base import Batch, Scorer
-from t2i_curate.pipeline.config import ModelsConfig
-from t2i_curate.pipeline.weights import WeightFile, resolve_weight
+from t2i_curate.pipeline.core.config import ModelsConfig
+from t2i_curate.pipeline.core.weights import WeightFile, resolve_weight
 
 AESTHETIC_V2 = WeightFile(
     "aesthetic_v2", "sac+logos+ava1-l14-linearMSE.pth",

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from t2i_curate.pipeline.config import ModelsConfig
-    from t2i_curate.pipeline.weights import WeightFile
+    from t2i_curate.pipeline.core.config import ModelsConfig
+    from t2i_curate.pipeline.core.weights import WeightFile
 
 
 @dataclass

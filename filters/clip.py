@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from t2i_curate.pipeline.config import ModelsConfig
-from t2i_curate.pipeline.weights import clip_checkpoint, split_clip_name
+from t2i_curate.pipeline.core.config import ModelsConfig
+from t2i_curate.pipeline.core.weights import clip_checkpoint, split_clip_name
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -72,8 +72,8 @@ def _load_torchscript_state(path: str, name: str) -> dict:
     carries, so only a file whose sha256 is the one OpenAI published for ``name`` is loaded."""
     import torch
 
-    from t2i_curate.pipeline.io import sha256_file
-    from t2i_curate.pipeline.weights import WeightsMismatchError
+    from t2i_curate.pipeline.core.io import sha256_file
+    from t2i_curate.pipeline.core.weights import WeightsMismatchError
 
     want, got = openai_sha256(*split_clip_name(name)), sha256_file(path)
     if got != want:
@@ -107,7 +107,7 @@ def load_clip(name: str, mcfg: ModelsConfig, allow_download: bool = False) -> Cl
         model.load_state_dict(_load_torchscript_state(path, name))
     model.eval()
     embed_dim = open_clip.get_model_config(arch)["embed_dim"]
-    from t2i_curate.pipeline.weights import weight_digest
+    from t2i_curate.pipeline.core.weights import weight_digest
 
     return ClipBundle(name, model, preprocess, open_clip.get_tokenizer(arch), embed_dim, False,
                       weight_digest(Path(path)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from t2i_curate.filters.base import Batch, Scorer
-from t2i_curate.pipeline.config import ModelsConfig
+from t2i_curate.pipeline.core.config import ModelsConfig
 
 
 class ClipSimilarityScorer(Scorer):

@@ -125,7 +125,7 @@ def phash_duplicates(con, cand: str, max_distance: int):
     import pyarrow as pa
 
     from t2i_curate.filters.semdedup import components
-    from t2i_curate.pipeline.catalog import arrow
+    from t2i_curate.pipeline.core.catalog import arrow
 
     con.execute(f"CREATE OR REPLACE TEMP TABLE ph_rows AS SELECT key, dd_rank, ('0x' || phash)::UBIGINT AS h "
                 f"FROM {cand} WHERE regexp_full_match(phash, '{_HEX16}')")
@@ -151,7 +151,7 @@ WHERE key <> kept ORDER BY key""")
 def apply_duplicates(con, decisions, dups, rule: str):
     """``decisions`` with the ``dups`` (key, duplicate_of) rows dropped by ``rule``, and earlier
     duplicates of a now dropped sample pointed at its kept one; arrow table, same columns."""
-    from t2i_curate.pipeline.catalog import arrow
+    from t2i_curate.pipeline.core.catalog import arrow
 
     con.register("nd_dec", decisions)
     con.register("nd_dups", dups)
@@ -172,7 +172,7 @@ def candidates_sql(keep_order: str) -> str:
 
 
 def _phash_on(enabled, cols: set[str]) -> bool:
-    from t2i_curate.pipeline.errors import UserError
+    from t2i_curate.pipeline.core.errors import UserError
 
     if enabled is True and "phash" not in cols:
         raise UserError("rule 'near_duplicate_phash' (select.dedup.phash.enabled: true) needs the phash scorer "
@@ -184,7 +184,7 @@ def _semantic_source(con, cand: str, scfg, run_dir):
     """The run's embeddings for SemDeDup, or None when it does not run (``auto``: none saved, or
     saved by a tiny model); ``enabled: true`` without embeddings, or with a mix of models, is refused."""
     from t2i_curate.filters.semdedup import run_embeddings, saved_embeddings
-    from t2i_curate.pipeline.errors import UserError
+    from t2i_curate.pipeline.core.errors import UserError
 
     if scfg.enabled is False:
         return None
@@ -215,7 +215,7 @@ def _semantic_pass(con, cand: str, scfg, run_dir, prov: dict):
     import pyarrow as pa
 
     from t2i_curate.filters.semdedup import SEMANTIC_RULE, semantic_duplicates
-    from t2i_curate.pipeline.catalog import arrow
+    from t2i_curate.pipeline.core.catalog import arrow
 
     src = _semantic_source(con, cand, scfg, run_dir)
     if src is None:

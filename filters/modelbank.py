@@ -8,8 +8,8 @@ from typing import Any
 
 from t2i_curate.filters.base import Batch
 from t2i_curate.filters.clip import ClipBundle, encode_images, encode_texts, load_clip
-from t2i_curate.pipeline.config import ScoreConfig
-from t2i_curate.pipeline.devices import model_dtype, pick_device
+from t2i_curate.pipeline.core.config import ScoreConfig
+from t2i_curate.pipeline.core.devices import model_dtype, pick_device
 
 
 class ModelBank:

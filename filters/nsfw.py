@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from t2i_curate.filters.base import Batch, Scorer
-from t2i_curate.pipeline.config import ModelsConfig
-from t2i_curate.pipeline.savedmodel import write_nsfw_tables, write_nsfw_weights
-from t2i_curate.pipeline.weights import WeightFile, resolve_weight, weight_digest
+from t2i_curate.filters.savedmodel import write_nsfw_tables, write_nsfw_weights
+from t2i_curate.pipeline.core.config import ModelsConfig
+from t2i_curate.pipeline.core.weights import WeightFile, resolve_weight, weight_digest
 
 _ORIGIN = ("our conversion of LAION-AI/CLIP-based-NSFW-Detector's {zip} (sha256 {sha}, "
            "https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/main/{zip})")
@@ -34,7 +34,7 @@ ZIP_B32 = WeightFile("nsfw_b32_zip", "clip_autokeras_nsfw_b32.zip",
 
 def _conversion(name: str, filename: str, sha256: str, zip_: WeightFile,
                 built: str | None = None) -> WeightFile:
-    """A converted file that `curate weights` builds from LAION's zip (pipeline/savedmodel.py, no
+    """A converted file that `curate weights` builds from LAION's zip (filters/savedmodel.py, no
     TensorFlow). ``sha256``: the reference conversion (../shared/models; its safetensors also hold
     TensorFlow's reference inputs and outputs); ``built``: what the build writes when that differs
     (the same tensors, without the reference ones)."""

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from t2i_curate.filters.base import Batch, Scorer
-from t2i_curate.pipeline.config import ModelsConfig
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.config import ModelsConfig
+from t2i_curate.pipeline.core.errors import UserError
 
 MODEL_FILE = "320n.onnx"
 SIDE = 320  # the network's input size (NudeDetector's inference_resolution)
@@ -64,7 +64,7 @@ def model_path() -> Path:
 
 def file_sha256(path: Path) -> str:
     """The model file's sha256, hashed once per process while it is unchanged (pipeline/weights.py)."""
-    from t2i_curate.pipeline.weights import weight_digest
+    from t2i_curate.pipeline.core.weights import weight_digest
 
     return weight_digest(path)
 
@@ -124,7 +124,7 @@ def finish_batch(items: list) -> list[tuple[Any, int, int]]:
     return [(to_blob(small), w, h) for small, w, h in items]
 
 
-# (decode side, model side) for pipeline/ray_score.split_for_transport
+# (decode side, model side) for pipeline/score/ray_actors.split_for_transport
 preprocess.transport = (letterbox, finish_batch)
 
 

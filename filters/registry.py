@@ -12,11 +12,11 @@ import pkgutil
 from typing import TYPE_CHECKING
 
 from t2i_curate.filters.base import Scorer
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.errors import UserError
 
 if TYPE_CHECKING:
-    from t2i_curate.pipeline.config import ScoreConfig
-    from t2i_curate.pipeline.weights import WeightFile
+    from t2i_curate.pipeline.core.config import ScoreConfig
+    from t2i_curate.pipeline.core.weights import WeightFile
 
 _INFRA = {"base", "registry", "rules", "clip", "modelbank"}  # modules that define no scorer
 _imported = False
@@ -85,11 +85,11 @@ def score_columns() -> set[str]:
 
 
 # Columns the pipeline's own stages write or add to the samples they query, beside img2dataset's
-# (pipeline/download_base.py IMG2DATASET_COLUMNS), the input rows' provenance (download_base.ROW_COLUMNS),
-# the decisions (filters/rules.py DECISION_COLUMNS) and the scorers' declared columns. Listed here, by
+# (core/columns.py IMG2DATASET_COLUMNS), the input rows' provenance (core/columns.py ROW_COLUMNS),
+# the decisions (core/columns.py DECISION_COLUMNS) and the scorers' declared columns. Listed here, by
 # the module that writes them, for :func:`reserved_columns`; a stage that adds a column adds it here.
 STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
-    # pipeline/shard_scoring.py assemble_columns: scores/NNNNN.parquet besides the scorers' columns
+    # score/shards.py assemble_columns: scores/NNNNN.parquet besides the scorers' columns
     # (image_sha256: the decoded bytes' sha256, pipeline/tars.py IMAGE_SHA256)
     "score": ("key", "score_status", "score_error", "tiny_models", "embedding_row", "image_sha256"),
     # filters/rules.py decision_sql (drop_rule), filters/dedup.py (dd_rank: added to every sample row),
@@ -103,11 +103,10 @@ STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
 def reserved_columns() -> dict[str, str]:
     """The single list of column names the pipeline writes, at every stage: lower-cased name -> the stage
     that writes it (img2dataset, input rows, score, scorer <name>, decisions, select, write). An input column
-    whose name is one of these, ignoring case, is carried as ``input_<name>`` (pipeline/download_base.py
+    whose name is one of these, ignoring case, is carried as ``input_<name>`` (download/base.py
     ``normalise_input``): the samples view joins downloads and scores, so an input ``score_status`` or
     ``tiny_models`` would otherwise stand for the pipeline's own."""
-    from t2i_curate.filters.rules import DECISION_COLUMNS
-    from t2i_curate.pipeline.download_base import IMG2DATASET_COLUMNS, ROW_COLUMNS
+    from t2i_curate.pipeline.core.columns import DECISION_COLUMNS, IMG2DATASET_COLUMNS, ROW_COLUMNS
 
     out: dict[str, str] = {}
     groups = [("img2dataset", IMG2DATASET_COLUMNS), ("input rows", ROW_COLUMNS),
@@ -151,7 +150,7 @@ def preflight(scfg: ScoreConfig) -> None:
     clips, files = needed_weights(scfg)
     if scfg.models.preset == "tiny":
         return
-    from t2i_curate.pipeline.weights import clip_checkpoint, resolve_weight
+    from t2i_curate.pipeline.core.weights import clip_checkpoint, resolve_weight
 
     for n in clips:
         clip_checkpoint(n, scfg.models)

@@ -12,7 +12,8 @@ import json
 import re
 
 from t2i_curate.filters.dedup import DUPLICATE_RULE, ExactDedup, dedup_ctes
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.columns import DECISION_COLUMNS
+from t2i_curate.pipeline.core.errors import UserError
 
 _MISSING_COL = re.compile(r'Referenced column "?([^"\s]+)"? not found', re.IGNORECASE)
 
@@ -209,7 +210,6 @@ def _sql_text(text: str) -> str:
     return str(text).replace("'", "''")
 
 
-DECISION_COLUMNS = ("key", "state", "rule", "error", "failed_stage", "duplicate_of")
 
 
 def decision_sql(rules: list, source: str | None = "samples", refused: str | None = None,

@@ -40,14 +40,14 @@ _SIM_BLOCK = 1 << 22  # floats in one similarity block (16 MB)
 def _open_npy(path) -> np.ndarray:
     """A memory map of a local ``.npy``; a remote one (object store) is read whole, one shard's worth, and
     the last few are kept (k-means reads every file on each pass)."""
-    from t2i_curate.pipeline.io import is_remote
+    from t2i_curate.pipeline.core.io import is_remote
 
     return _remote_npy(str(path)) if is_remote(path) else np.load(path, mmap_mode="r")
 
 
 @functools.lru_cache(maxsize=16)
 def _remote_npy(url: str) -> np.ndarray:
-    from t2i_curate.pipeline.io import load_npy
+    from t2i_curate.pipeline.core.io import load_npy
 
     return load_npy(url)
 
@@ -232,8 +232,8 @@ def semantic_duplicates(emb: Embeddings, rank: np.ndarray, threshold: float, clu
 def _embedding_meta(score_parquet: Path) -> dict | None:
     import json
 
-    from t2i_curate.pipeline.io import read_schema
-    from t2i_curate.pipeline.score import META_KEY
+    from t2i_curate.pipeline.core.io import read_schema
+    from t2i_curate.pipeline.core.scores import META_KEY
 
     meta = read_schema(score_parquet).metadata or {}
     return json.loads(meta.get(META_KEY, b"{}")).get("embeddings")
@@ -241,8 +241,8 @@ def _embedding_meta(score_parquet: Path) -> dict | None:
 
 def saved_embeddings(run_dir: Path) -> tuple[list[Path], list[Path], list[str]]:
     """Score shards that saved embeddings: (score parquets, their ``.npy`` files, the models recorded)."""
-    from t2i_curate.pipeline.io import shard_ids
-    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.core.io import shard_ids
+    from t2i_curate.pipeline.core.layout import RunLayout
 
     lay = RunLayout(run_dir)
     parquets, files, models = [], [], []

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from t2i_curate.filters.base import Batch, Scorer
-from t2i_curate.pipeline.config import ModelsConfig
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.config import ModelsConfig
+from t2i_curate.pipeline.core.errors import UserError
 
 DET_FILE = "ch_PP-OCRv4_det_infer.onnx"
 REC_FILE = "ch_PP-OCRv4_rec_infer.onnx"
@@ -56,7 +56,7 @@ def model_path(filename: str) -> Path:
 
 def file_sha256(path: Path) -> str:
     """The model file's sha256, hashed once per process while it is unchanged (pipeline/weights.py)."""
-    from t2i_curate.pipeline.weights import weight_digest
+    from t2i_curate.pipeline.core.weights import weight_digest
 
     return weight_digest(path)
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from t2i_curate.filters.base import Batch, Scorer
-from t2i_curate.pipeline.config import ModelsConfig
-from t2i_curate.pipeline.weights import WeightFile, resolve_weight
+from t2i_curate.pipeline.core.config import ModelsConfig
+from t2i_curate.pipeline.core.weights import WeightFile, resolve_weight
 
 WATERMARK = WeightFile(
     "watermark", "watermark_model_v1.pt",
@@ -75,7 +75,7 @@ class WatermarkScorer(Scorer):
         self.model = bank.prepare(load_watermark(bank.mcfg))
         self.digest = None
         if not bank.tiny:  # the pinned digest of the file that was loaded (checked while loading)
-            from t2i_curate.pipeline.weights import verify
+            from t2i_curate.pipeline.core.weights import verify
 
             self.digest = verify(resolve_weight(WATERMARK, bank.mcfg), WATERMARK, bank.mcfg)
 

@@ -9,13 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-from t2i_curate.pipeline.errors import UserError, disk_full, is_disk_full
+from t2i_curate.pipeline.core.errors import UserError, disk_full, is_disk_full
 
 log = logging.getLogger("curate")
 
 
 def _config(args):
-    from t2i_curate.pipeline.config import load_config
+    from t2i_curate.pipeline.core.config import load_config
 
     overrides = list(args.set or [])
     if getattr(args, "urls", None):
@@ -48,7 +48,7 @@ def _summary(title: str, rows: list[tuple[str, object]]) -> None:
 
 
 def cmd_download(args) -> dict:
-    from t2i_curate.pipeline.download import download_stage, read_url_list
+    from t2i_curate.pipeline.download.stage import download_stage, read_url_list
     from t2i_curate.pipeline.runfolder import prepare_run, url_source
 
     cfg = _config(args)
@@ -58,22 +58,22 @@ def cmd_download(args) -> dict:
 
 
 def cmd_retry_failed(args) -> dict:
-    from t2i_curate.pipeline.download import retry_failed
+    from t2i_curate.pipeline.download.stage import retry_failed
     from t2i_curate.pipeline.runfolder import prepare_run, url_source
 
     cfg = _config(args)
     run = prepare_run(cfg)
     with url_source(cfg) as urls:
-        from t2i_curate.pipeline.download import prepare_input
+        from t2i_curate.pipeline.download.stage import prepare_input
 
         prepare_input(run, urls, cfg.input)  # fresh URLs (the demo server's port changes)
         return retry_failed(cfg, run)
 
 
 def cmd_score(args) -> dict:
-    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.core.layout import RunLayout
     from t2i_curate.pipeline.runfolder import prepare_run
-    from t2i_curate.pipeline.score import score_stage
+    from t2i_curate.pipeline.score.stage import score_stage
 
     cfg = _config(args)
     run = prepare_run(cfg)
@@ -82,7 +82,7 @@ def cmd_score(args) -> dict:
 
 def cmd_select(args) -> dict:
     from t2i_curate.pipeline.runfolder import prepare_run
-    from t2i_curate.pipeline.selection import select_stage
+    from t2i_curate.pipeline.select.stage import select_stage
 
     cfg = _config(args)
     return select_stage(cfg, prepare_run(cfg))
@@ -90,7 +90,7 @@ def cmd_select(args) -> dict:
 
 def cmd_write(args) -> dict:
     from t2i_curate.pipeline.runfolder import prepare_run
-    from t2i_curate.pipeline.write import write_stage
+    from t2i_curate.pipeline.write.stage import write_stage
 
     cfg = _config(args)
     run = prepare_run(cfg)
@@ -100,7 +100,7 @@ def cmd_write(args) -> dict:
 
 
 def cmd_funnel(args) -> dict:
-    from t2i_curate.pipeline.funnel import funnel
+    from t2i_curate.pipeline.report.funnel import funnel
 
     run = _run_dir(args)
     f = funnel(run, save_required=False)  # a reader: on a read-only run folder, report/funnel.* is not saved
@@ -137,7 +137,7 @@ def cmd_run(args) -> dict:
 def cmd_weights(args) -> dict:
     """Fetch every real weight the config needs (or every scorer's with --all)."""
     from t2i_curate.filters.registry import all_weights, needed_weights
-    from t2i_curate.pipeline.weights import fetch_all
+    from t2i_curate.pipeline.core.weights import fetch_all
 
     cfg = _config(args)
     scfg = cfg.score.model_copy(deep=True)
@@ -176,11 +176,11 @@ def cmd_eval(args) -> dict:
 def cmd_report(args) -> dict:
     """A run folder: its curation report; an eval folder: its eval report; neither given (--config /
     --run): the run's curation report, and the config's eval report when the run was evaluated."""
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.run_report import build_run_report
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.report.curation import build_run_report
 
     if args.eval_dir:
-        from t2i_curate.pipeline.io import as_path
+        from t2i_curate.pipeline.core.io import as_path
 
         folder = as_path(args.eval_dir)  # local, or on an object store
         if (folder / "metrics.json").exists():
@@ -210,7 +210,7 @@ def _eval_report(folder: Path) -> dict:
     naming that folder, when this machine has none) and the two report files uploaded."""
     from t2i_curate.eval.evaluate import local_eval_folder
     from t2i_curate.eval.report import build_report
-    from t2i_curate.pipeline.io import is_remote, upload
+    from t2i_curate.pipeline.core.io import is_remote, upload
 
     paths = build_report(local_eval_folder(folder))
     if is_remote(folder):
@@ -225,7 +225,7 @@ def cmd_compare(args) -> dict:
     import json
 
     from t2i_curate.eval.fid import check_comparable
-    from t2i_curate.pipeline.io import as_path
+    from t2i_curate.pipeline.core.io import as_path
 
     paths = [as_path(p) for p in args.evals]  # local, or on an object store (read through fsspec)
     ms = [json.loads((p / "metrics.json" if p.is_dir() else p).read_text()) for p in paths]
@@ -239,7 +239,7 @@ def cmd_compare(args) -> dict:
 
 
 def cmd_verify(args) -> dict:
-    from t2i_curate.pipeline.verify import check_run
+    from t2i_curate.pipeline.report.verify import check_run
 
     run = _run_dir(args)
     check_run(run)
@@ -249,7 +249,7 @@ def cmd_verify(args) -> dict:
 
 def cmd_coverage(args) -> dict:
     """Concept coverage of a run (eval suites or --concepts FILE): report/coverage.parquet and a table."""
-    from t2i_curate.pipeline.coverage import print_coverage, resolve_run, write_coverage
+    from t2i_curate.pipeline.report.coverage import print_coverage, resolve_run, write_coverage
 
     given = args.run_dir or args.run
     run = resolve_run(given, _config(args).runs_dir) if given else _config(args).run_dir
@@ -261,13 +261,13 @@ def cmd_coverage(args) -> dict:
 
 def _run_dir(args) -> Path:
     """``--run DIR`` (every read-only command takes it; ``verify`` also as its positional), else the config's."""
-    from t2i_curate.pipeline.io import as_path
+    from t2i_curate.pipeline.core.io import as_path
 
     given = getattr(args, "run", None) or getattr(args, "run_dir", None)
     if given:
         run = as_path(given)
         if not run.is_dir():
-            from t2i_curate.pipeline.runfolder import RunFolderError
+            from t2i_curate.pipeline.core.lock import RunFolderError
 
             raise RunFolderError(f"--run {run}: no such run folder")
         return run
@@ -280,7 +280,13 @@ def cmd_query(args) -> dict:
     ``--allow-writes``, only a SELECT runs, on a connection that can read nothing outside the run folder."""
     import duckdb
 
-    from t2i_curate.pipeline.catalog import QueryError, arrow_of, check_read_only_sql, lock_down, open_run
+    from t2i_curate.pipeline.core.catalog import (
+        QueryError,
+        arrow_of,
+        check_read_only_sql,
+        lock_down,
+        open_run,
+    )
 
     run = _run_dir(args)
     con = open_run(run)
@@ -323,7 +329,7 @@ def _emit(table, fmt: str, output: str | None) -> None:
             log.info("showing 200 of %d rows; use --format csv/json/parquet --output FILE for all", table.num_rows)
         return
     if fmt == "parquet" and not output:
-        from t2i_curate.pipeline.config import ConfigError
+        from t2i_curate.pipeline.core.config import ConfigError
 
         raise ConfigError("--format parquet needs --output FILE")
     if fmt == "parquet":
@@ -455,7 +461,7 @@ REPORT_WRITERS = frozenset({"report", "coverage"})
 @contextlib.contextmanager
 def _lock(args):
     """The run folder's lock for a writing command, taken before any download or demo server."""
-    from t2i_curate.pipeline.runfolder import run_lock
+    from t2i_curate.pipeline.core.lock import run_lock
 
     if args.command in WRITERS:
         with run_lock(_config(args).run_dir, f"curate {args.command}"):
@@ -465,8 +471,8 @@ def _lock(args):
     if run is None:
         yield
         return
-    from t2i_curate.pipeline.io import clean_tmp
-    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.core.io import clean_tmp
+    from t2i_curate.pipeline.core.layout import RunLayout
 
     with run_lock(run, f"curate {args.command}"):
         n = clean_tmp(RunLayout(run).report)
@@ -478,11 +484,11 @@ def _lock(args):
 def _reported_run(args):
     """The run folder ``report`` or ``coverage`` writes into, or None (an eval folder outside a run,
     or no such folder: the command itself says so)."""
-    from t2i_curate.pipeline.io import as_path
-    from t2i_curate.pipeline.layout import RunLayout
+    from t2i_curate.pipeline.core.io import as_path
+    from t2i_curate.pipeline.core.layout import RunLayout
 
     if args.command == "coverage":
-        from t2i_curate.pipeline.coverage import resolve_run
+        from t2i_curate.pipeline.report.coverage import resolve_run
 
         given = args.run_dir or args.run
         run = resolve_run(given, _config(args).runs_dir) if given else _config(args).run_dir

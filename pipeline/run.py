@@ -7,15 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from t2i_curate.pipeline.config import RunConfig
-from t2i_curate.pipeline.layout import RunLayout
+from t2i_curate.pipeline.core.config import RunConfig
+from t2i_curate.pipeline.core.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 
 def model_manifest(run: Path) -> dict[str, Any]:
     """Which scorer models made the scores (for the manifest and the funnel)."""
-    from t2i_curate.pipeline.score import read_provenance
+    from t2i_curate.pipeline.core.scores import read_provenance
 
     prov = read_provenance(run)
     return {"models": prov, "tiny_models": any(v.get("tiny") == "true" for v in prov.values())}
@@ -28,14 +28,14 @@ def run_curation(cfg: RunConfig) -> dict[str, Any]:
     Missing weights and bad input stop it before any download.
     """
     from t2i_curate.filters.registry import preflight
-    from t2i_curate.pipeline.catalog import refresh_catalog
-    from t2i_curate.pipeline.download import download_stage, read_url_list
-    from t2i_curate.pipeline.funnel import funnel
+    from t2i_curate.pipeline.core.catalog import refresh_catalog
+    from t2i_curate.pipeline.download.stage import download_stage, read_url_list
+    from t2i_curate.pipeline.report.funnel import funnel
+    from t2i_curate.pipeline.report.verify import check_run
     from t2i_curate.pipeline.runfolder import prepare_run, url_source
-    from t2i_curate.pipeline.score import score_stage
-    from t2i_curate.pipeline.selection import select_stage
-    from t2i_curate.pipeline.verify import check_run
-    from t2i_curate.pipeline.write import write_stage
+    from t2i_curate.pipeline.score.stage import score_stage
+    from t2i_curate.pipeline.select.stage import select_stage
+    from t2i_curate.pipeline.write.stage import write_stage
 
     preflight(cfg.score)  # a missing real weight stops the run here, before any download
     times: dict[str, float] = {}
@@ -58,7 +58,7 @@ def run_curation(cfg: RunConfig) -> dict[str, Any]:
     f = funnel(run)
     check_run(run)
     log.info("verify: %s is consistent (shards, parquet, manifest, accounting)", run)
-    from t2i_curate.pipeline.run_report import build_run_report
+    from t2i_curate.pipeline.report.curation import build_run_report
 
     t = time.perf_counter()
     report = build_run_report(run)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import curate
 
-from t2i_curate.pipeline.demo import serve_folder
+from t2i_curate.pipeline.download.demo import serve_folder
 
 
 def _args(runs, urls, *extra):
@@ -85,20 +85,20 @@ def test_other_config_refused_and_work_kept(tmp_path):
 def test_rule_needing_missing_scorer(tmp_path):
     c = tmp_path / "c.yaml"
     c.write_text(json.dumps({"base": "sd-v1", "score": {"scorers": ["resolution"]}}))
-    from t2i_curate.pipeline.config import load_config
+    from t2i_curate.pipeline.core.config import load_config
 
     cfg = load_config(str(c))
     assert cfg.select.rules[1].name == "aesthetic_5"
     import duckdb
 
     from t2i_curate.filters.rules import RuleError
-    from t2i_curate.pipeline.selection import check_rules
+    from t2i_curate.pipeline.select.stage import check_rules
 
     con = duckdb.connect()
     con.execute("CREATE VIEW samples AS SELECT 600 AS original_width, 600 AS original_height")
     with pytest.raises(RuleError, match="needs the aesthetic scorer .*aesthetic_score"):
         check_rules(con, cfg.select.rules)
-    from t2i_curate.pipeline.config import Rule
+    from t2i_curate.pipeline.core.config import Rule
 
     with pytest.raises(RuleError, match="expected a true/false expression"):
         check_rules(con, [Rule(name="n", keep="original_width + 1")])

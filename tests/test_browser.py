@@ -88,7 +88,7 @@ def shoot(page, name):
 
 
 def test_curation_report_of_a_synthetic_run(browser, tmp_path):
-    from t2i_curate.pipeline.run_report import build_run_report
+    from t2i_curate.pipeline.report.curation import build_run_report
 
     run = synthetic_run(tmp_path / "synthetic", n_rows=5000, shards=2, image_every=2)
     build_run_report(run)

@@ -13,9 +13,9 @@ import pytest
 from conftest import ROOT, curate
 from PIL import Image
 
-from t2i_curate.pipeline.buckets import SD1, SDXL, assign, resolve_buckets, shard_slices, with_buckets
-from t2i_curate.pipeline.config import ConfigError, load_config
-from t2i_curate.pipeline.demo import serve_folder
+from t2i_curate.pipeline.core.buckets import SD1, SDXL, assign, resolve_buckets, shard_slices, with_buckets
+from t2i_curate.pipeline.core.config import ConfigError, load_config
+from t2i_curate.pipeline.download.demo import serve_folder
 
 
 def test_sdxl_list_is_the_published_table():
@@ -73,8 +73,8 @@ def test_shards_cut_per_bucket():
 
 
 def test_plan_file_for_other_processes_holds_the_bucket_shards(tmp_path):
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.write import _plan_rows, write_plan
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.write.stage import _plan_rows, write_plan
 
     meta = pa.table({"key": [f"{i:03d}" for i in range(5)], "width": [512, 600, 512, 600, 512],
                      "height": [512, 300, 512, 300, 512]})

@@ -1,6 +1,6 @@
 import pytest
 
-from t2i_curate.pipeline.config import ConfigError, load_config, resolve_preset
+from t2i_curate.pipeline.core.config import ConfigError, load_config, resolve_preset
 
 
 def test_defaults_and_presets_validate():

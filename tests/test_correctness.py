@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import curate
 
-from t2i_curate.pipeline.config import ModelsConfig, load_config, resolve_preset
+from t2i_curate.pipeline.core.config import ModelsConfig, load_config, resolve_preset
 
 
 def _jpeg(w=1024, h=768, seed=0) -> bytes:
@@ -28,7 +28,7 @@ def _jpeg(w=1024, h=768, seed=0) -> bytes:
 def _decoded(tmp_path, data: bytes, draft):
     from t2i_curate.filters.clip import tiny_clip
     from t2i_curate.filters.watermark import watermark_transform
-    from t2i_curate.pipeline.decode import TarImages
+    from t2i_curate.pipeline.score.decode import TarImages
 
     tar = tmp_path / "00000.tar"
     with tarfile.open(tar, "w") as tf:
@@ -50,8 +50,11 @@ def test_exact_decode_reproduces_the_reference_inputs(tmp_path):
     ref_img = Image.open(io.BytesIO(data)).convert("RGB")  # what LAION's scripts do
     for name, t in transforms.items():
         assert np.array_equal(tensors[name].numpy(), t(ref_img).numpy()), name
+    import hashlib
+
+    assert tensors["image_sha256"] == hashlib.sha256(data).hexdigest()  # the stored bytes, recorded in scores/
     fast, _ = _decoded(tmp_path, data, draft=256)
-    diff = max(float((fast[n] - tensors[n]).abs().max()) for n in tensors)
+    diff = max(float((fast[n] - tensors[n]).abs().max()) for n in transforms)
     assert diff > 0.01, "fast mode should differ from exact on a 1024x768 JPEG"
 
 
@@ -95,8 +98,8 @@ def test_openai_torchscript_archive_loads_as_local_weights(tmp_path, monkeypatch
 
     from t2i_curate.filters import clip
     from t2i_curate.filters.clip import is_torchscript, load_clip
-    from t2i_curate.pipeline.io import sha256_file
-    from t2i_curate.pipeline.weights import WeightsMismatchError
+    from t2i_curate.pipeline.core.io import sha256_file
+    from t2i_curate.pipeline.core.weights import WeightsMismatchError
 
     arch = _tiny_arch(tmp_path)
     torch.manual_seed(0)
@@ -119,7 +122,7 @@ def test_openai_torchscript_archive_loads_as_local_weights(tmp_path, monkeypatch
 def test_clip_found_in_the_default_hugging_face_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
-    from t2i_curate.pipeline.weights import clip_checkpoint
+    from t2i_curate.pipeline.core.weights import clip_checkpoint
 
     hub = tmp_path / "hf"
     repo = hub / "models--timm--vit_large_patch14_clip_224.openai"
@@ -135,7 +138,7 @@ def test_clip_found_in_the_default_hugging_face_cache(tmp_path, monkeypatch):
 
 def test_fid_reference_cache_key_covers_the_resize_protocol(tmp_path, monkeypatch):
     from t2i_curate.eval import fid
-    from t2i_curate.pipeline.config import EvalConfig
+    from t2i_curate.pipeline.core.config import EvalConfig
 
     keys = {p: fid.reference_cache_key("/some/folder", tmp_path, fid.feature_spec(EvalConfig(fid_protocol=p), True), 100)
             for p in ("torch-fidelity", "clean", "legacy-crop")}
@@ -146,7 +149,7 @@ def test_fid_reference_cache_key_covers_the_resize_protocol(tmp_path, monkeypatc
 
 
 def test_funnel_groups_failures_by_error_class():
-    from t2i_curate.pipeline.funnel import error_class, group_failures
+    from t2i_curate.pipeline.report.funnel import error_class, group_failures
 
     raw = [("download", f"<urlopen error [Errno -2] Name or service not known: http://h{i}.example/a b.jpg>", 1)
            for i in range(50)]
@@ -171,7 +174,7 @@ def test_eval_of_a_real_model_never_uses_the_tiny_scoring_clip():
 
 def _scored_run(tmp_path, scorers: str):
 
-    from t2i_curate.pipeline.score import score_stage
+    from t2i_curate.pipeline.score.stage import score_stage
 
     cfg = load_config("demo", [f"runs_dir={tmp_path}", "name=t", "workers=1", "select.rules=[]",
                                f"score.scorers={scorers}"])
@@ -182,7 +185,8 @@ def _scored_run(tmp_path, scorers: str):
 def test_select_refuses_scores_made_with_other_settings(tmp_path):
     from test_structure import _fake_download
 
-    from t2i_curate.pipeline.selection import StageOrderError, select_stage
+    from t2i_curate.pipeline.core.errors import StageOrderError
+    from t2i_curate.pipeline.select.stage import select_stage
 
     _fake_download(tmp_path / "t", ["a red square", "a blue square"])
     _scored_run(tmp_path, "[resolution]")
@@ -197,8 +201,8 @@ def test_write_rewrites_a_shard_whose_scores_changed(tmp_path):
     import pyarrow.parquet as pq
     from test_structure import _fake_download
 
-    from t2i_curate.pipeline.selection import select_stage
-    from t2i_curate.pipeline.write import write_stage
+    from t2i_curate.pipeline.select.stage import select_stage
+    from t2i_curate.pipeline.write.stage import write_stage
 
     _fake_download(tmp_path / "t", ["a red square", "a blue square"])
     for scorers in ("[resolution]", "[resolution, aesthetic]"):
@@ -235,7 +239,7 @@ def test_sampler_remakes_images_made_with_other_settings(tmp_path):
     import pyarrow.parquet as pq
 
     from t2i_curate.eval.sampler import sample
-    from t2i_curate.pipeline.config import EvalConfig
+    from t2i_curate.pipeline.core.config import EvalConfig
 
     prompts = [{"id": "p0", "category": "general", "prompt": "a red barn"}]
     for steps in (2, 2, 3):

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from t2i_curate.pipeline import coverage as cv
-from t2i_curate.pipeline.catalog import open_run
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.catalog import open_run
+from t2i_curate.pipeline.core.errors import UserError
+from t2i_curate.pipeline.report import coverage as cv
 
 # words that occur in the demo's synthetic captions (pipeline/demo.py: STYLES x SUBJECTS), and one that never does
 CONCEPTS = [

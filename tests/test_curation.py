@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import curate, small_demo_args
 
-from t2i_curate.pipeline.io import sha256_file
+from t2i_curate.pipeline.core.io import sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from PIL import Image
 
 from t2i_curate.filters.dedup import ExactDedup, url_key_sql
 from t2i_curate.filters.rules import RuleError, decision_sql
-from t2i_curate.pipeline.config import ConfigError, Rule, load_config, resolve_preset
-from t2i_curate.pipeline.demo import serve_folder
-from t2i_curate.pipeline.selection import dedup_plan
+from t2i_curate.pipeline.core.config import ConfigError, Rule, load_config, resolve_preset
+from t2i_curate.pipeline.download.demo import serve_folder
+from t2i_curate.pipeline.select.stage import dedup_plan
 
 
 def _url_key(url):

@@ -13,7 +13,7 @@ from t2i_curate.eval.judge import LabelsError, read_labels
 from t2i_curate.eval.judge_probe import ProbeJudge
 from t2i_curate.eval.judge_vqa import CONFIG_KEY, VQA_QUESTIONS, VQAJudge, parse_yes_no
 from t2i_curate.eval.stats import agreement, clip_score, corrected_rate, wilson
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.errors import UserError
 
 
 class FixedFeatures(torch.nn.Module):
@@ -154,7 +154,7 @@ def test_bias_metrics():
 
 def test_sampler_is_independent_of_batch_size(tmp_path):
     from t2i_curate.eval.sampler import sample
-    from t2i_curate.pipeline.config import EvalConfig
+    from t2i_curate.pipeline.core.config import EvalConfig
 
     prompts = [{"id": "p0", "category": "general", "prompt": "a red cube"},
                {"id": "p1", "category": "general", "prompt": "a horse"}]

@@ -81,7 +81,7 @@ def test_real_photos(tmp_path, shared):
 @pytest.mark.parametrize("bad", ["file,prompt\n,no file\n", '{"prompt": "x"}\n'])
 def test_mapping_rows_need_file_and_prompt(tmp_path, bad):
     from t2i_curate.eval.external import read_mapping
-    from t2i_curate.pipeline.errors import UserError
+    from t2i_curate.pipeline.core.errors import UserError
 
     p = tmp_path / ("m.csv" if bad.startswith("file") else "m.jsonl")
     p.write_text(bad)

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import curate, small_demo_args
 
-from t2i_curate.pipeline.io import as_path
+from t2i_curate.pipeline.core.io import as_path
 
 # the demo's tiny pipeline with as little as measures everything: 4 suites x 2 prompts x 1 image
 QUICK_EVAL = ["--set", "eval.max_prompts_per_suite=2", "--set", "eval.samples_per_prompt=1",
@@ -67,8 +67,8 @@ def test_catalog_reads_only_finished_evals(tmp_path):
     """An eval folder without its metrics.json (an upload or a measure not finished) is not in the views."""
     import pyarrow as pa
 
-    from t2i_curate.pipeline.catalog import open_run
-    from t2i_curate.pipeline.io import write_json, write_parquet
+    from t2i_curate.pipeline.core.catalog import open_run
+    from t2i_curate.pipeline.core.io import write_json, write_parquet
 
     run = tmp_path / "run"
     for tag in ("done", "half"):

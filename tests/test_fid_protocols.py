@@ -14,7 +14,7 @@ from PIL import Image
 
 from t2i_curate.eval.fid import ProtocolMismatchError, check_comparable, feature_spec, fid_kid, protocol
 from t2i_curate.eval.stats import clip_score, clip_score_torchmetrics
-from t2i_curate.pipeline.config import EvalConfig
+from t2i_curate.pipeline.core.config import EvalConfig
 
 N = 20
 SIZES = [(256, 384), (300, 200)]  # (width, height): portrait and landscape, neither square nor 299
@@ -184,7 +184,7 @@ def test_clip_score_paper_and_torchmetrics_aggregates():
 
 
 def test_inception_weights_are_labelled_by_content_and_pickles_refused(tmp_path):
-    from t2i_curate.pipeline.errors import UserError
+    from t2i_curate.pipeline.core.errors import UserError
 
     w = tmp_path / "weights-inception-2015-12-05-6726825d.pth"  # the release's name, other content
     torch.save({"x": torch.zeros(2)}, w)

@@ -6,8 +6,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from t2i_curate.pipeline.config import ScoreConfig
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.config import ScoreConfig
+from t2i_curate.pipeline.core.errors import UserError
 
 # photo-like JPEGs, device path on the CPU vs exact, in normalised units: measured max 0.035 (2 levels of 8 bits,
 # on the watermark input of a 160x120 JPEG upscaled), mean <= 0.0006 per input (Pillow's fixed-point
@@ -54,12 +54,12 @@ def _transforms(cpu_inputs=False):
 
 def _run(tar, keys, transforms, decode, device="cpu"):
     """key -> (inputs of that key | None, error | None), through the pipeline's batch iterators."""
-    from t2i_curate.pipeline.score import shard_batches
+    from t2i_curate.pipeline.score.shards import shard_batches
 
     scfg = ScoreConfig(decode=decode, batch_size=4)
     rows = [{"key": k} for k in keys]
     if decode == "gpu":
-        from t2i_curate.pipeline.gpu_decode import iter_gpu_batches
+        from t2i_curate.pipeline.score.gpu_decode import iter_gpu_batches
 
         batches = iter_gpu_batches(rows, tar, transforms, scfg, device=device)
     else:
@@ -78,7 +78,7 @@ def _as_np(v):
 
 
 def test_plans_cover_clip_and_watermark_and_nothing_else():
-    from t2i_curate.pipeline.gpu_decode import plan_of, split_transforms
+    from t2i_curate.pipeline.score.gpu_decode import plan_of, split_transforms
 
     t = _transforms(cpu_inputs=True)
     plans, cpu = split_transforms(t)
@@ -152,7 +152,7 @@ def test_corrupt_jpegs_are_per_sample_errors(tmp_path):
 
 def test_device_rejection_falls_back_to_the_cpu(tmp_path, monkeypatch):
     """A JPEG the device decoder refuses (CMYK quirks, ...) is decoded by PIL: its inputs equal exact."""
-    from t2i_curate.pipeline import gpu_decode
+    from t2i_curate.pipeline.score import gpu_decode
 
     real, calls = gpu_decode.decode_jpegs, []
 
@@ -175,8 +175,8 @@ def test_device_rejection_falls_back_to_the_cpu(tmp_path, monkeypatch):
 def test_gpu_decode_is_refused_without_cuda(monkeypatch, tmp_path):
     import torch
 
-    from t2i_curate.pipeline.gpu_decode import decode_device
-    from t2i_curate.pipeline.score import shard_batches
+    from t2i_curate.pipeline.score.gpu_decode import decode_device
+    from t2i_curate.pipeline.score.shards import shard_batches
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for dev in ("auto", "cuda", "cpu"):

@@ -81,7 +81,7 @@ def test_every_case_has_its_outcome(corpus_run):
 
 def test_sizes_consistent_across_stages(corpus_run):
     """EXIF orientation: the stored grid, its parquet sizes and the scorer's decode agree."""
-    from t2i_curate.pipeline.decode import decode_image
+    from t2i_curate.pipeline.core.images import decode_image
 
     run, _, _ = corpus_run
     row = duckdb.connect().execute(
@@ -125,10 +125,10 @@ def _jpeg():
 
 
 def test_tar_member_escaping_the_folder_is_never_followed(tmp_path):
-    from t2i_curate.pipeline.config import load_config
-    from t2i_curate.pipeline.score import score_shard
-    from t2i_curate.pipeline.selection import select_stage
-    from t2i_curate.pipeline.write import write_stage
+    from t2i_curate.pipeline.core.config import load_config
+    from t2i_curate.pipeline.score.stage import score_shard
+    from t2i_curate.pipeline.select.stage import select_stage
+    from t2i_curate.pipeline.write.stage import write_stage
 
     run = tmp_path / "runs" / "t"
     good = _jpeg()
@@ -147,8 +147,8 @@ def test_tar_member_escaping_the_folder_is_never_followed(tmp_path):
 
 
 def test_truncated_tar_records_failures_and_keeps_the_rest(tmp_path):
-    from t2i_curate.pipeline.config import load_config
-    from t2i_curate.pipeline.score import score_shard
+    from t2i_curate.pipeline.core.config import load_config
+    from t2i_curate.pipeline.score.stage import score_shard
 
     run = tmp_path / "runs" / "t"
     import numpy as np

@@ -15,11 +15,11 @@ import test_parts
 from conftest import curate
 from test_parts import COMMON, _cfg, _part
 
-from t2i_curate.pipeline import parts
-from t2i_curate.pipeline.download import InputError, prepare_input, read_url_list
-from t2i_curate.pipeline.io import as_path, duck_connect, is_remote, read_table, sql_path
-from t2i_curate.pipeline.layout import RunLayout
-from t2i_curate.pipeline.runfolder import RunFolderError
+from t2i_curate.pipeline.core.io import as_path, duck_connect, is_remote, read_table, sql_path
+from t2i_curate.pipeline.core.layout import RunLayout
+from t2i_curate.pipeline.core.lock import RunFolderError
+from t2i_curate.pipeline.download import parts
+from t2i_curate.pipeline.download.stage import InputError, prepare_input, read_url_list
 
 site = test_parts.site  # the images on loopback (module-scoped fixture)
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import curate
 from PIL import Image
 
-from t2i_curate.pipeline.config import EvalConfig
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.config import EvalConfig
+from t2i_curate.pipeline.core.errors import UserError
 
 TAG = "images-generated"
 
@@ -261,8 +261,8 @@ def test_clean_eval_tmp_on_a_store(tmp_path, monkeypatch):
     import fsspec
 
     from t2i_curate.eval.evaluate import clean_eval_tmp, staging_root
-    from t2i_curate.pipeline.config import load_config
-    from t2i_curate.pipeline.io import as_path
+    from t2i_curate.pipeline.core.config import load_config
+    from t2i_curate.pipeline.core.io import as_path
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cfg = load_config("demo", ["runs_dir=memory://integrity/runs", "eval.tag=t"])

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from t2i_curate.filters.rules import RuleError
-from t2i_curate.pipeline.config import Rule, load_config
+from t2i_curate.pipeline.core.config import Rule, load_config
 
 SECRET = "TOPSECRET-4242"
 
@@ -60,9 +60,9 @@ def _cfg(runs: Path, name: str = "r", rules=None, extra=()):
 def built_run(tmp_path_factory):
     """A finished small run (fake download, resolution scores, decisions, curated shards), built in-process."""
     from t2i_curate.pipeline.run import model_manifest
-    from t2i_curate.pipeline.score import score_stage
-    from t2i_curate.pipeline.selection import select_stage
-    from t2i_curate.pipeline.write import write_stage
+    from t2i_curate.pipeline.score.stage import score_stage
+    from t2i_curate.pipeline.select.stage import select_stage
+    from t2i_curate.pipeline.write.stage import write_stage
 
     runs = tmp_path_factory.mktemp("runs")
     run = runs / "r"
@@ -92,14 +92,14 @@ def secret(tmp_path):
 
 
 def _select(run: Path, rules=None, extra=()):
-    from t2i_curate.pipeline.selection import select_stage
+    from t2i_curate.pipeline.select.stage import select_stage
 
     return select_stage(_cfg(run.parent, run.name, rules, extra), run)
 
 
 def _with_rule(run: Path, keep: str):
     """select with one rule ``keep`` (set through the config object: any text, quotes included)."""
-    from t2i_curate.pipeline.selection import select_stage
+    from t2i_curate.pipeline.select.stage import select_stage
 
     cfg = _cfg(run.parent, run.name)
     cfg = cfg.model_copy(update={"select": cfg.select.model_copy(update={"rules": [Rule(name="r1", keep=keep)]})})
@@ -177,7 +177,7 @@ def test_a_rule_failing_at_run_time_is_one_line_naming_it(run):
 
 def test_the_select_connection_reads_nothing_outside_the_run(run, secret, monkeypatch):
     """Defence in depth: with the parser check switched off, DuckDB itself refuses the file."""
-    from t2i_curate.pipeline import selection
+    from t2i_curate.pipeline.select import stage as selection
 
     monkeypatch.setattr(selection, "check_expression", lambda *a, **k: None, raising=False)
     monkeypatch.setattr(selection, "check_rule_syntax", lambda *a, **k: None, raising=False)
@@ -187,7 +187,7 @@ def test_the_select_connection_reads_nothing_outside_the_run(run, secret, monkey
 
 
 def test_a_blocklist_never_echoes_the_file(tmp_path, secret):
-    from t2i_curate.pipeline.blocklist import BlocklistError, load
+    from t2i_curate.filters.blocklist import BlocklistError, load
 
     files = [secret] + [Path(p) for p in ("/etc/passwd", "/etc/hostname") if Path(p).is_file()]
     for path in files:
@@ -320,8 +320,8 @@ def test_query_and_funnel_work_on_a_read_only_run(run, capsys, caplog):
 
 
 def test_funnel_that_cannot_save_warns(run, caplog, monkeypatch):
-    from t2i_curate.pipeline import cli, funnel
-
+    from t2i_curate.pipeline import cli
+    from t2i_curate.pipeline.report import funnel
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
@@ -335,8 +335,8 @@ def test_funnel_that_cannot_save_warns(run, caplog, monkeypatch):
 def test_lockdown_on_a_store_reads_the_run_and_nothing_else(s3_store, capsys):
     import fsspec
 
-    from t2i_curate.pipeline.catalog import open_run
-    from t2i_curate.pipeline.io import as_path
+    from t2i_curate.pipeline.core.catalog import open_run
+    from t2i_curate.pipeline.core.io import as_path
 
     fs = fsspec.filesystem("s3", use_listings_cache=False)
     run = as_path(f"{s3_store}/runs/r")

@@ -21,8 +21,8 @@ from t2i_curate.eval.judge_vqa import (
     parse_yes_no,
     save_tiny_vqa_model,
 )
-from t2i_curate.pipeline.config import load_config
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.config import load_config
+from t2i_curate.pipeline.core.errors import UserError
 
 VERDICT = {True: 1.0, False: 0.0, None: None}
 

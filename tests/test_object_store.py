@@ -13,7 +13,7 @@ import socket
 import pytest
 from conftest import curate
 
-from t2i_curate.pipeline.io import (
+from t2i_curate.pipeline.core.io import (
     TMP_MARK,
     as_path,
     atomic_path,
@@ -38,7 +38,7 @@ def _tmp_keys(root) -> list[str]:
 def test_commit_protocol_on_s3(s3_store):
     import pyarrow as pa
 
-    from t2i_curate.pipeline.tars import read_samples, write_samples
+    from t2i_curate.pipeline.core.tars import read_samples, write_samples
 
     root = as_path(f"{s3_store}/unit")
     assert is_remote(root) and str(root).startswith("s3://")
@@ -65,7 +65,7 @@ def test_commit_protocol_on_s3(s3_store):
 
 
 def test_run_lock_is_exclusive_on_s3(s3_store):
-    from t2i_curate.pipeline.runfolder import RunFolderError, run_lock
+    from t2i_curate.pipeline.core.lock import RunFolderError, run_lock
 
     run = as_path(f"{s3_store}/locked")
     with run_lock(run, "run") as lock:
@@ -82,7 +82,7 @@ def test_run_lock_is_exclusive_on_s3(s3_store):
 
 def test_lock_without_exclusive_create_is_best_effort(caplog):
     """A filesystem that cannot create exclusively still refuses a second holder it can see."""
-    from t2i_curate.pipeline.runfolder import _create_lock_racy
+    from t2i_curate.pipeline.core.lock import _create_lock_racy
 
     lock = as_path("memory://t2i-lock-test/run/.lock")
     assert _create_lock_racy(lock, b"first", NotImplementedError("mode x"))
@@ -102,8 +102,8 @@ def _fake_scored_run(root, settings) -> None:
     for 2."""
     import pyarrow as pa
 
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.shard_scoring import META_KEY
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.core.scores import META_KEY
 
     lay = RunLayout(root)
     for s in range(3):
@@ -121,8 +121,8 @@ def test_current_shards_from_one_listing(where, s3_store, tmp_path, monkeypatch)
     """Score stamps each shard per file (a HEAD each on a store); select and a resumed score read the
     same stamps from one listing of the download folder, so the two must agree, and on a store no
     download file is asked about one by one."""
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.shard_scoring import current_shards
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.core.scores import current_shards
 
     root = as_path(tmp_path / "run" if where == "local" else f"{s3_store}/stamps")
     settings = {"scorers": ["resolution"]}
@@ -149,8 +149,8 @@ def test_current_shards_from_one_listing(where, s3_store, tmp_path, monkeypatch)
 
 
 def test_unreadable_scores_count_as_not_current(tmp_path, caplog):
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.shard_scoring import current_shards
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.core.scores import current_shards
 
     settings = {"scorers": ["resolution"]}
     _fake_scored_run(tmp_path / "run", settings)
@@ -186,7 +186,7 @@ def _shard_digest(tar) -> str:
     server had when the run's URL list was made, which differs between a local and an S3 runs folder."""
     import hashlib
 
-    from t2i_curate.pipeline.tars import read_samples
+    from t2i_curate.pipeline.core.tars import read_samples
 
     h = hashlib.sha256()
     for key, parts in sorted(read_samples(tar).items()):
@@ -276,12 +276,12 @@ def test_ray_actor_scoring_and_ray_write_on_s3(s3_reference, ray_local):
     pytest.importorskip("ray")
     from test_ray import assert_rows_close
 
-    from t2i_curate.pipeline.config import load_config
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.score import score_stage
-    from t2i_curate.pipeline.selection import select_stage
-    from t2i_curate.pipeline.verify import verify_run
-    from t2i_curate.pipeline.write import write_stage
+    from t2i_curate.pipeline.core.config import load_config
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.report.verify import verify_run
+    from t2i_curate.pipeline.score.stage import score_stage
+    from t2i_curate.pipeline.select.stage import select_stage
+    from t2i_curate.pipeline.write.stage import write_stage
 
     (ref_dec, ref_scores, ref_shards), runs, _ = s3_reference
     run = as_path(f"{runs}/ray")
@@ -313,7 +313,7 @@ def test_semantic_dedup_reads_embeddings_from_s3(s3_reference):
     curate("select", *_args(runs, "ref"), *sem)
 
     def meta(r):
-        from t2i_curate.pipeline.io import read_schema
+        from t2i_curate.pipeline.core.io import read_schema
 
         return json.loads(read_schema(as_path(r) / "selected" / "decisions.parquet").metadata[b"t2i_curate"])
 

@@ -15,11 +15,11 @@ import pytest
 from conftest import curate
 from PIL import Image
 
-from t2i_curate.pipeline import parts
-from t2i_curate.pipeline.config import load_config
-from t2i_curate.pipeline.demo import serve_folder
-from t2i_curate.pipeline.download import InputError
-from t2i_curate.pipeline.layout import RunLayout
+from t2i_curate.pipeline.core.config import load_config
+from t2i_curate.pipeline.core.layout import RunLayout
+from t2i_curate.pipeline.download import parts
+from t2i_curate.pipeline.download.demo import serve_folder
+from t2i_curate.pipeline.download.stage import InputError
 
 N_IMAGES = 12
 COMMON = ("--set", "download.processes=1", "--set", "download.threads=4", "--set", "workers=1",
@@ -221,8 +221,8 @@ def test_parts_are_streamed_batch_by_batch(tmp_path, monkeypatch):
 def test_vectorised_guard_fast_path_never_allows_what_url_refusal_refuses():
     from test_url_safety import TABLE
 
-    from t2i_curate.pipeline.config import DownloadConfig
-    from t2i_curate.pipeline.urlguard import url_refusal
+    from t2i_curate.pipeline.core.config import DownloadConfig
+    from t2i_curate.pipeline.core.urls import url_refusal
 
     urls = list(TABLE) + [
         "https://images.example.com/a/b.jpg?x=1#f", "HTTP://CDN.Example.ORG:8080/x", "https://a.b.localhost/x",

@@ -60,12 +60,12 @@ def _shard_images(run) -> dict[str, dict[str, str]]:
 
 
 def test_score_and_write_on_ray_equal_local(local_run, ray_local):
-    from t2i_curate.pipeline.config import load_config
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.score import score_stage
-    from t2i_curate.pipeline.selection import select_stage
-    from t2i_curate.pipeline.verify import verify_run
-    from t2i_curate.pipeline.write import write_stage
+    from t2i_curate.pipeline.core.config import load_config
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.report.verify import verify_run
+    from t2i_curate.pipeline.score.stage import score_stage
+    from t2i_curate.pipeline.select.stage import select_stage
+    from t2i_curate.pipeline.write.stage import write_stage
 
     local = local_run / "demo"
     dst = local_run / "demo-ray"
@@ -95,7 +95,7 @@ def test_sampling_on_ray_equals_local(tmp_path, ray_local):
     from PIL import Image
 
     from t2i_curate.eval.sampler import sample
-    from t2i_curate.pipeline.config import EvalConfig, RayConfig
+    from t2i_curate.pipeline.core.config import EvalConfig, RayConfig
 
     prompts = [{"id": f"p{i}", "category": "general", "prompt": f"prompt number {i}"} for i in range(3)]
     cfg = EvalConfig(height=32, width=32, steps=2, samples_per_prompt=2, batch_size=1)
@@ -114,7 +114,7 @@ def test_sampling_on_ray_equals_local(tmp_path, ray_local):
 
 
 def test_worker_killed_mid_shard_is_retried(tmp_path, ray_local):
-    from t2i_curate.pipeline.executors import map_shards
+    from t2i_curate.pipeline.executors.shards import map_shards
 
     def die_once(marker_dir, item):
         marker = os.path.join(marker_dir, f"{item}.started")

@@ -1,4 +1,4 @@
-"""Scoring on Ray with CPU decode tasks feeding model actors (pipeline/ray_score.py) gives the local
+"""Scoring on Ray with CPU decode tasks feeding model actors (score/ray_actors.py) gives the local
 executor's results under the executors' guarantee, and survives a model actor killed mid-run."""
 
 import os
@@ -30,7 +30,7 @@ def local_run(tmp_path_factory):
 
 
 def _ray_copy(runs, name: str, extra=()):
-    from t2i_curate.pipeline.config import load_config
+    from t2i_curate.pipeline.core.config import load_config
 
     dst = runs / name
     shutil.copytree(runs / "demo", dst)
@@ -59,12 +59,12 @@ def _assert_scores_equal(local, dst) -> None:
 
 
 def test_actor_path_equals_local(local_run, ray_local, monkeypatch):
-    from t2i_curate.pipeline import ray_score
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.score import score_stage
-    from t2i_curate.pipeline.selection import select_stage
-    from t2i_curate.pipeline.verify import verify_run
-    from t2i_curate.pipeline.write import write_stage
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.report.verify import verify_run
+    from t2i_curate.pipeline.score import ray_actors as ray_score
+    from t2i_curate.pipeline.score.stage import score_stage
+    from t2i_curate.pipeline.select.stage import select_stage
+    from t2i_curate.pipeline.write.stage import write_stage
 
     cfg, dst = _ray_copy(local_run, "demo-actors")
     shards = RunLayout(dst).finished_downloads()
@@ -87,8 +87,8 @@ def test_actor_path_equals_local(local_run, ray_local, monkeypatch):
 
 
 def test_actor_killed_mid_run_is_survived(local_run, ray_local):
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.ray_score import score_on_actors
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.score.ray_actors import score_on_actors
 
     cfg, dst = _ray_copy(local_run, "demo-actor-killed", extra=("ray.actors=1",))
     seen: dict[str, object] = {}
@@ -137,8 +137,8 @@ def _decode_task_pids() -> list[int]:
 def test_decode_task_killed_mid_shard_is_retried(local_run, ray_local):
     """SIGKILL a decode task's worker after the first batch: Ray re-runs the generator task, the batches it
     yields again are not scored twice, and every shard commits its keys once, equal to the local run's."""
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.ray_score import score_on_actors
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.score.ray_actors import score_on_actors
 
     if not Path("/proc/self/cmdline").exists():
         pytest.skip("finds the decode task's worker through /proc (Linux)")
@@ -163,9 +163,9 @@ def test_decode_task_killed_mid_shard_is_retried(local_run, ray_local):
 
 
 def test_gpu_decode_is_refused_on_the_actor_path(tmp_path):
-    from t2i_curate.pipeline.config import load_config
-    from t2i_curate.pipeline.errors import UserError
-    from t2i_curate.pipeline.ray_score import score_on_actors
+    from t2i_curate.pipeline.core.config import load_config
+    from t2i_curate.pipeline.core.errors import UserError
+    from t2i_curate.pipeline.score.ray_actors import score_on_actors
 
     cfg = load_config("demo", [f"runs_dir={tmp_path}", "executor=ray", "ray.score_actors=true", "score.decode=gpu"])
     with pytest.raises(UserError, match="score.decode=gpu"):
@@ -173,8 +173,8 @@ def test_gpu_decode_is_refused_on_the_actor_path(tmp_path):
 
 
 def test_a_failing_shard_writes_nothing_and_the_others_commit(local_run, ray_local):
-    from t2i_curate.pipeline.layout import RunLayout
-    from t2i_curate.pipeline.ray_score import score_on_actors
+    from t2i_curate.pipeline.core.layout import RunLayout
+    from t2i_curate.pipeline.score.ray_actors import score_on_actors
 
     cfg, dst = _ray_copy(local_run, "demo-actor-bad-shard", extra=("ray.actors=1",))
     lay = RunLayout(dst)

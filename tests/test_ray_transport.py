@@ -1,4 +1,4 @@
-"""What the Ray actor path ships from decode tasks to model actors (pipeline/ray_score.py): uint8 pixels,
+"""What the Ray actor path ships from decode tasks to model actors (score/ray_actors.py): uint8 pixels,
 finished into the model inputs on the actor, bit-identical to the local path's float inputs."""
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from t2i_curate.pipeline.config import load_config
-from t2i_curate.pipeline.ray_score import finish_inputs, split_for_transport
-from t2i_curate.pipeline.shard_scoring import ShardScorer
+from t2i_curate.pipeline.core.config import load_config
+from t2i_curate.pipeline.score.ray_actors import finish_inputs, split_for_transport
+from t2i_curate.pipeline.score.shards import ShardScorer
 
 
 def _images() -> list:

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 from conftest import curate
 from PIL import Image
 
-from t2i_curate.pipeline.demo import serve_folder
+from t2i_curate.pipeline.download.demo import serve_folder
 
 
 def test_retry_failed_recovers_rows(tmp_path):

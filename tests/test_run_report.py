@@ -1,4 +1,4 @@
-"""The curation report (pipeline/run_report.py): sections from the run's files, bounded size and time."""
+"""The curation report (report/curation.py): sections from the run's files, bounded size and time."""
 
 import base64
 import io
@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import curate, small_demo_args
 
-from t2i_curate.pipeline.catalog import open_run
-from t2i_curate.pipeline.run_report import (
+from t2i_curate.pipeline.core.catalog import open_run
+from t2i_curate.pipeline.report.curation import (
     Threshold,
     build_run_report,
     funnel_rows,
@@ -222,13 +222,13 @@ def test_coverage_section_is_added_when_its_module_exists(big_run, monkeypatch):
     import sys
     import types
 
-    from t2i_curate.pipeline.run_report import coverage_hook
+    from t2i_curate.pipeline.report.curation import coverage_hook
 
-    monkeypatch.setitem(sys.modules, "t2i_curate.pipeline.coverage", None)  # absent: no section, no error
+    monkeypatch.setitem(sys.modules, "t2i_curate.pipeline.report.coverage", None)  # absent: no section, no error
     assert coverage_hook(big_run) == ""
-    fake = types.ModuleType("t2i_curate.pipeline.coverage")
+    fake = types.ModuleType("t2i_curate.pipeline.report.coverage")
     fake.coverage_section = lambda run_dir: f"<section id='coverage'>{run_dir.name} horses</section>"
-    monkeypatch.setitem(sys.modules, "t2i_curate.pipeline.coverage", fake)
+    monkeypatch.setitem(sys.modules, "t2i_curate.pipeline.report.coverage", fake)
     page = build_run_report(big_run).read_text()
     assert "<section id='coverage'>big horses</section>" in page
     assert page.index("id='failures'") < page.index("id='coverage'") < page.index("id='provenance'")

@@ -13,8 +13,8 @@ from PIL import Image
 from t2i_curate.filters.aesthetic import AESTHETIC_V1_B32, AESTHETIC_V1_L14, AESTHETIC_V2, load_aesthetic_head
 from t2i_curate.filters.registry import preflight
 from t2i_curate.filters.watermark import watermark_model
-from t2i_curate.pipeline.config import ModelsConfig, ScoreConfig, load_config
-from t2i_curate.pipeline.weights import WeightsMismatchError, WeightsMissingError, resolve_weight
+from t2i_curate.pipeline.core.config import ModelsConfig, ScoreConfig, load_config
+from t2i_curate.pipeline.core.weights import WeightsMismatchError, WeightsMissingError, resolve_weight
 
 ALL = ["resolution", "watermark", "aesthetic", "clip_similarity"]
 
@@ -46,7 +46,8 @@ def _shard(tmp_path, samples):
 
 
 def test_tiny_scoring_pass_columns_flags_and_decode_failure(tmp_path):
-    from t2i_curate.pipeline.score import read_provenance, score_shard
+    from t2i_curate.pipeline.core.scores import read_provenance
+    from t2i_curate.pipeline.score.stage import score_shard
 
     good = _jpeg(64, 48)
     run = _shard(tmp_path, [("0000000", good, "a red square"), ("0000001", good[: len(good) // 4], "cut"),
@@ -74,7 +75,7 @@ def test_tiny_scoring_pass_columns_flags_and_decode_failure(tmp_path):
 
 
 def test_scores_do_not_depend_on_batch_size(tmp_path):
-    from t2i_curate.pipeline.score import score_shard
+    from t2i_curate.pipeline.score.stage import score_shard
 
     samples = [(f"000000{i}", _jpeg(40 + 10 * i, 50, (20 * i, 100, 50)), f"caption {i}") for i in range(5)]
     outs = []

@@ -12,7 +12,7 @@ from t2i_curate.filters.base import Batch
 from t2i_curate.filters.modelbank import ModelBank
 from t2i_curate.filters.registry import column_providers
 from t2i_curate.filters.text import DET_FILE, TextScorer, file_sha256, model_path
-from t2i_curate.pipeline.config import ModelsConfig, ScoreConfig
+from t2i_curate.pipeline.core.config import ModelsConfig, ScoreConfig
 
 
 def _scorer(**models) -> TextScorer:
@@ -73,7 +73,8 @@ def test_recognition_is_opt_in():
 
 
 def test_end_to_end_through_score_shard_with_provenance(tmp_path):
-    from t2i_curate.pipeline.score import read_provenance, score_shard
+    from t2i_curate.pipeline.core.scores import read_provenance
+    from t2i_curate.pipeline.score.stage import score_shard
 
     samples = [("0000000", _jpeg_bytes(_text_image()), "a poster"),
                ("0000001", _jpeg_bytes(Image.new("RGB", (400, 300), (30, 160, 60))), "a green field"),
@@ -93,7 +94,8 @@ def test_end_to_end_through_score_shard_with_provenance(tmp_path):
 
 
 def test_real_detector_among_tiny_models_keeps_the_tiny_flag(tmp_path):
-    from t2i_curate.pipeline.score import read_provenance, score_shard
+    from t2i_curate.pipeline.core.scores import read_provenance
+    from t2i_curate.pipeline.score.stage import score_shard
 
     run = _shard(tmp_path, [("0000000", _jpeg_bytes(_text_image()), "a poster with big words")])
     scfg = ScoreConfig(scorers=["watermark", "text"], models=ModelsConfig(preset="tiny"), save_embeddings=False)
@@ -106,7 +108,7 @@ def test_real_detector_among_tiny_models_keeps_the_tiny_flag(tmp_path):
 def test_columns_bind_in_rules():
     providers = column_providers()
     assert providers["text_area"] == "text" and providers["text_boxes"] == "text" and providers["text"] == "text"
-    from t2i_curate.pipeline.config import load_config
+    from t2i_curate.pipeline.core.config import load_config
 
     rules = [r.name for r in load_config("demo").select.rules]
     assert rules[-1] == "max_text_area" and rules.index("max_text_area") > rules.index("min_shorter_side_256")

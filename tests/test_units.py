@@ -4,9 +4,9 @@ import pytest
 from t2i_curate.filters.base import Batch
 from t2i_curate.filters.resolution import ResolutionScorer
 from t2i_curate.filters.rules import decision_sql
-from t2i_curate.pipeline.config import Rule
-from t2i_curate.pipeline.io import atomic_path
-from t2i_curate.pipeline.tars import safe_member_name
+from t2i_curate.pipeline.core.config import Rule
+from t2i_curate.pipeline.core.io import atomic_path
+from t2i_curate.pipeline.core.tars import safe_member_name
 
 
 def test_resolution_scorer():
@@ -61,7 +61,7 @@ def test_demo_port_is_stable_and_outside_the_ephemeral_ports(tmp_path, caplog, m
     import socket
     from pathlib import Path
 
-    from t2i_curate.pipeline.demo import _preferred_port, serve_folder
+    from t2i_curate.pipeline.download.demo import _preferred_port, serve_folder
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

@@ -15,9 +15,9 @@ import pytest
 from conftest import curate
 from PIL import Image
 
-from t2i_curate.pipeline.config import DownloadConfig
-from t2i_curate.pipeline.demo import _DemoHandler, serve_folder
-from t2i_curate.pipeline.urlguard import url_refusal
+from t2i_curate.pipeline.core.config import DownloadConfig
+from t2i_curate.pipeline.core.urls import url_refusal
+from t2i_curate.pipeline.download.demo import _DemoHandler, serve_folder
 
 SCHEME = "scheme"
 PRIVATE = "loopback, private or link-local"
@@ -186,8 +186,8 @@ def test_private_addresses_refused_by_default(site):
 def test_retry_failed_skips_refreshed_urls_that_are_refused():
     import pyarrow as pa
 
-    from t2i_curate.pipeline.config import load_config
-    from t2i_curate.pipeline.download import _allowed_only
+    from t2i_curate.pipeline.core.config import load_config
+    from t2i_curate.pipeline.download.stage import _allowed_only
 
     cfg = load_config("demo", ["download.allow_private_addresses=false"])
     rows = pa.table({"URL": ["https://example.com/a.jpg", "file:///etc/passwd", "http://10.0.0.7/b.jpg"],
@@ -197,7 +197,7 @@ def test_retry_failed_skips_refreshed_urls_that_are_refused():
 
 def test_refused_keys_are_valid_and_never_img2dataset_keys():
     from t2i_curate.filters.rules import REFUSED_KEY
-    from t2i_curate.pipeline.write import KEY_RE
+    from t2i_curate.pipeline.write.stage import KEY_RE
 
     keys = [k for (k,) in duckdb.connect().execute(
         f"SELECT {REFUSED_KEY} FROM (SELECT unnest([0, 7, 123456789, 12345678901]) AS input_row)").fetchall()]
@@ -207,9 +207,9 @@ def test_refused_keys_are_valid_and_never_img2dataset_keys():
 
 def test_private_hosts_are_allowed_for_the_builtin_demo_alone():
     """The demo preset with a user's URL list (`make filter URLS=...`) still refuses private hosts."""
-    from t2i_curate.pipeline.config import load_config
-    from t2i_curate.pipeline.download import guard_settings
-    from t2i_curate.pipeline.urlguard import url_refusal
+    from t2i_curate.pipeline.core.config import load_config
+    from t2i_curate.pipeline.core.urls import url_refusal
+    from t2i_curate.pipeline.download.stage import guard_settings
 
     meta = "http://169.254.169.254/latest/meta-data"
     assert url_refusal(meta, guard_settings(load_config("demo"))) is None  # the built-in demo's loopback server

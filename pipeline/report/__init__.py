@@ -1,0 +1,1 @@
+"""Reports on a run: funnel, verify, thumbnails, the curation report, concept coverage, HTML helpers."""

@@ -1,0 +1,1 @@
+"""The select stage: rules, deduplication and blocklists into the decisions table."""
