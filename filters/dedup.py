@@ -47,7 +47,7 @@ class ExactDedup:
 def check_keep_order(keep_order: str) -> None:
     """Refuse a keep order that is not a plain ORDER BY list (``rules.check_order_by``): it is pasted into
     the select query, so a second statement, a subquery or a file reader must never get there."""
-    from t2i_curate.filters.rules import check_order_by
+    from t2i_curate.filters.expressions import check_order_by
 
     check_order_by(keep_order)
 

@@ -91,7 +91,7 @@ def test_rule_needing_missing_scorer(tmp_path):
     assert cfg.select.rules[1].name == "aesthetic_5"
     import duckdb
 
-    from t2i_curate.filters.rules import RuleError
+    from t2i_curate.filters.expressions import RuleError
     from t2i_curate.pipeline.select.stage import check_rules
 
     con = duckdb.connect()

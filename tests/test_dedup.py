@@ -10,7 +10,8 @@ from conftest import curate
 from PIL import Image
 
 from t2i_curate.filters.dedup import ExactDedup, url_key_sql
-from t2i_curate.filters.rules import RuleError, decision_sql
+from t2i_curate.filters.expressions import RuleError
+from t2i_curate.filters.rules import decision_sql
 from t2i_curate.pipeline.core.config import ConfigError, Rule, load_config, resolve_preset
 from t2i_curate.pipeline.download.demo import serve_folder
 from t2i_curate.pipeline.select.stage import dedup_plan

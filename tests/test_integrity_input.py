@@ -19,7 +19,7 @@ from test_parts import _cli
 from t2i_curate.filters.registry import reserved_columns
 from t2i_curate.pipeline.core.config import InputConfig
 from t2i_curate.pipeline.core.layout import RunLayout
-from t2i_curate.pipeline.download.base import InputError, json_safe, plan_columns
+from t2i_curate.pipeline.download.columns import InputError, json_safe, plan_columns
 
 site = test_parts.site  # the images on loopback (module-scoped fixture)
 

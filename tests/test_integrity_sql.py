@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from t2i_curate.filters.rules import RuleError
+from t2i_curate.filters.expressions import RuleError
 from t2i_curate.pipeline.core.config import Rule, load_config
 
 SECRET = "TOPSECRET-4242"
@@ -153,7 +153,7 @@ def test_table_functions_file_readers_and_subqueries_are_refused(run, secret, ke
 
 
 def test_plain_expressions_still_pass():
-    from t2i_curate.filters.rules import check_expression, check_order_by
+    from t2i_curate.filters.expressions import check_expression, check_order_by
 
     for keep in ["shorter_side >= 256", "len(regexp_split_to_array(trim(caption), '\\s+')) > 2",
                  "similarity >= 0.28 AND similarity_model = 'ViT-B-32/openai'", "caption LIKE '%--%'",

@@ -71,7 +71,7 @@ def test_tiny_scorer_end_to_end(tmp_path):
 def test_punsafe_rule_is_accepted(tmp_path):
     import duckdb
 
-    from t2i_curate.filters.rules import RuleError
+    from t2i_curate.filters.expressions import RuleError
     from t2i_curate.pipeline.select.stage import check_rules
 
     assert column_providers()["punsafe"] == "nsfw"

@@ -62,7 +62,7 @@ def _fake_download(run: Path, captions: list[str]) -> None:
 
 def test_a_scorer_defined_anywhere_is_usable_by_rules(tmp_path):
     """A throwaway scorer, declared in this test file alone: config, rules and funnel pick it up."""
-    from t2i_curate.filters.rules import RuleError
+    from t2i_curate.filters.expressions import RuleError
     from t2i_curate.pipeline.score.stage import score_stage
     from t2i_curate.pipeline.select.stage import select_stage
 

@@ -246,6 +246,19 @@ def shard_ids(folder: Any, suffix: str, names: set[str] | None = None) -> list[i
     return sorted(out)
 
 
+FOOTER_THREADS = 32  # concurrent small reads (parquet footers, stats files) on an object store
+LOCAL_FOOTER_THREADS = 8  # ... and on a local or shared file system
+
+
+def footer_threads(root: Any) -> int:
+    """Concurrent small reads: many on an async store driver (s3fs, gcsfs, adlfs: one IO loop, safe from
+    threads), a few on a local or shared file system (NFS, Lustre), one on other drivers."""
+    root = as_path(root)
+    if not is_remote(root):
+        return LOCAL_FOOTER_THREADS
+    return FOOTER_THREADS if getattr(root.fs, "async_impl", False) else 1
+
+
 def sha256_file(path: Any, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with as_path(path).open("rb") as f:

@@ -11,7 +11,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from t2i_curate.pipeline.core.io import as_path, file_names, is_remote, read_metadata, shard_ids
+from t2i_curate.pipeline.core.io import (
+    as_path,
+    file_names,
+    footer_threads,
+    is_remote,
+    read_metadata,
+    shard_ids,
+)
 
 SHARD_DIGITS = 5
 
@@ -145,7 +152,7 @@ class RunLayout:
         sample in its stats (``count``: the rows it was handed) before writing it, so a sample whose write
         failed leaves a parquet with fewer rows than ``count``; an unreadable stats file or parquet footer
         counts too. A stats file without ``count`` (not img2dataset's) is taken as it is. The footers and
-        stats files are read concurrently (8 at a time locally, 32 on a store). The download stage redoes
+        stats files are read concurrently (:func:`io.footer_threads`). The download stage redoes
         these shards (``download.base.redo_short_shards``)."""
         import json
         from concurrent.futures import ThreadPoolExecutor
@@ -163,7 +170,7 @@ class RunLayout:
                 return f"parquet unreadable ({type(e).__name__})"
             return None if rows >= count else f"{rows} of {count} rows"
 
-        with ThreadPoolExecutor(32 if is_remote(self.root) else 8) as pool:
+        with ThreadPoolExecutor(footer_threads(self.root)) as pool:
             return {s: w for s, w in zip(shards, pool.map(why, shards), strict=True) if w is not None}
 
     # --- scores ---

@@ -17,7 +17,7 @@ from t2i_curate.pipeline.core.io import (
     atomic_path,
     file_stamp,
     file_stats,
-    is_remote,
+    footer_threads,
     read_schema,
     shard_ids,
     write_parquet,
@@ -27,8 +27,6 @@ from t2i_curate.pipeline.core.layout import RunLayout
 log = logging.getLogger(__name__)
 
 META_KEY = b"t2i_curate"
-FOOTER_THREADS = 32  # concurrent score-parquet footer reads when the run folder is on an object store
-LOCAL_FOOTER_THREADS = 8  # ... and on a local or shared file system
 
 
 def scorer_settings(scfg: ScoreConfig) -> dict[str, Any]:
@@ -79,16 +77,8 @@ def current_shards(lay: RunLayout, shards: list[int], settings: dict,
             return False
 
     todo = [s for s in shards if s in scored]  # listed: no existence check each
-    with ThreadPoolExecutor(_footer_threads(lay.root)) as pool:
+    with ThreadPoolExecutor(footer_threads(lay.root)) as pool:
         return {s for s, ok in zip(todo, pool.map(current, todo), strict=True) if ok}
-
-
-def _footer_threads(root) -> int:
-    """Concurrent footer reads: many on an async store driver (s3fs, gcsfs, adlfs: one IO loop, safe
-    from threads), a few on a local or shared file system (NFS, Lustre), one on other drivers."""
-    if not is_remote(root):
-        return LOCAL_FOOTER_THREADS
-    return FOOTER_THREADS if getattr(root.fs, "async_impl", False) else 1
 
 
 def commit_shard(lay: RunLayout, shard: int, info: dict[str, Any], columns: dict[str, list], embeddings,

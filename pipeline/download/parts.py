@@ -61,18 +61,16 @@ from t2i_curate.pipeline.core.io import (
 from t2i_curate.pipeline.core.layout import RunLayout
 from t2i_curate.pipeline.core.lock import RunFolderError
 from t2i_curate.pipeline.download.base import (
-    InputError,
     _detect_format,
     _img2dataset_kwargs,
     _repair_utf8,
     download_summary,
     guard_settings,
-    json_safe,
     normalise_input,
-    plan_columns,
     redo_short_shards,
     run_img2dataset,
 )
+from t2i_curate.pipeline.download.columns import InputError, json_safe, plan_columns
 
 log = logging.getLogger(__name__)
 

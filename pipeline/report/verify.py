@@ -14,7 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 from t2i_curate.pipeline.core.errors import StageIncomplete
-from t2i_curate.pipeline.core.io import read_metadata, read_schema, read_table, sha256_file, shard_ids
+from t2i_curate.pipeline.core.io import (
+    parquet_file,
+    read_metadata,
+    sha256_file,
+    shard_ids,
+)
 from t2i_curate.pipeline.core.layout import RunLayout, shard_name, shard_of_key
 from t2i_curate.pipeline.core.tars import IMAGE_SHA256, image_sha256, iter_members
 
@@ -44,16 +49,22 @@ def _tar_keys(path: Path, problems: list[str], hashes: dict[str, str] | None = N
     return keys
 
 
-def _parquet_rows(path: Path, problems: list[str], columns: list[str] | None = None) -> list[dict]:
-
+def _parquet_table(path: Path, problems: list[str], columns: list[str] | None = None):
+    """The table (those of ``columns`` it has; its schema metadata kept), opened once; None, and a
+    problem listed, when it cannot be read."""
     try:
+        pf = parquet_file(path)
         if columns is not None:
-            have = set(read_schema(path).names)
-            columns = [c for c in columns if c in have]
-        return read_table(path, columns=columns).to_pylist()
+            columns = [c for c in columns if c in pf.schema_arrow.names]
+        return pf.read(columns=columns)
     except Exception as e:  # any unreadable parquet is a problem to report, not a crash
         problems.append(f"{path}: unreadable parquet: {type(e).__name__}: {e}")
-        return []
+        return None
+
+
+def _parquet_rows(path: Path, problems: list[str], columns: list[str] | None = None) -> list[dict]:
+    table = _parquet_table(path, problems, columns)
+    return [] if table is None else table.to_pylist()
 
 
 def _verify_downloads(lay: RunLayout, problems: list[str], hashes: dict[str, str]) -> tuple[set[str], int]:
@@ -191,8 +202,9 @@ def _verify_selected(lay: RunLayout, manifest: dict, problems: list[str]) -> lis
         if e.get("parquet_sha256") and sha256_file(parquet) != e["parquet_sha256"]:
             out.append(f"selected/{e['shard']}.parquet: sha256 differs from the manifest")
         keys = _tar_keys(tar, problems)
-        rows = _parquet_rows(parquet, problems, ["key"])
-        recorded = _schema_meta(parquet).get(TAR_SHA_KEY, b"").decode()
+        table = _parquet_table(parquet, problems, ["key"])
+        rows = [] if table is None else table.to_pylist()
+        recorded = ({} if table is None else table.schema.metadata or {}).get(TAR_SHA_KEY, b"").decode()
         if recorded and recorded != tar_sha:
             out.append(f"selected/{e['shard']}.tar: sha256 differs from the one its parquet recorded")
         if rows and "key" not in rows[0]:
@@ -206,10 +218,3 @@ def _verify_selected(lay: RunLayout, manifest: dict, problems: list[str]) -> lis
     if dup:
         out.append(f"selected: {len(dup)} keys appear more than once across shards, e.g. {dup[:5]}")
     return out
-
-
-def _schema_meta(path: Path) -> dict:
-    try:
-        return read_schema(path).metadata or {}
-    except Exception:  # unreadable: reported by the row read
-        return {}

@@ -13,15 +13,8 @@ from pathlib import Path
 
 from t2i_curate.filters.blocklist import hash_rules
 from t2i_curate.filters.dedup import DEFAULT_KEEP_ORDER, FALLBACK_KEEP_ORDER, ExactDedup, near_dedup
-from t2i_curate.filters.rules import (
-    RuleError,
-    check_expression,
-    check_order_by,
-    decision_sql,
-    explain_missing,
-    first_line,
-    missing_column,
-)
+from t2i_curate.filters.expressions import RuleError, check_expression, check_order_by, first_line
+from t2i_curate.filters.rules import decision_sql, explain_missing, missing_column
 from t2i_curate.pipeline.core.catalog import arrow, open_run
 from t2i_curate.pipeline.core.config import RunConfig
 from t2i_curate.pipeline.core.errors import StageOrderError

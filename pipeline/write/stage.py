@@ -14,6 +14,7 @@ so that each shard holds one bucket.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from t2i_curate.filters.blocklist import provenance
 from t2i_curate.pipeline.core.buckets import bucket_of_shard, manifest_info, shard_slices, with_buckets
 from t2i_curate.pipeline.core.catalog import arrow, open_run
 from t2i_curate.pipeline.core.config import RunConfig
-from t2i_curate.pipeline.core.io import read_table, sha256_file, shard_ids, write_json, write_parquet
+from t2i_curate.pipeline.core.io import as_path, read_table, sha256_file, shard_ids, write_json, write_parquet
 from t2i_curate.pipeline.core.layout import RunLayout, shard_name, shard_of_key
 from t2i_curate.pipeline.core.tars import IMAGE_EXTS, IMAGE_SHA256, image_sha256, read_samples, write_samples
 
@@ -111,10 +112,16 @@ def shard_done(lay: RunLayout, shard: int, rows: list[dict[str, Any]], digest: s
 def _manifest_sha(lay: RunLayout, name: str) -> str | None:
     """A shard tar's sha256 as the manifest records it (runs written before the parquet recorded it)."""
     try:
-        entries = json.loads(lay.manifest.read_text())["shards"]
-        return next((e["sha256"] for e in entries if e.get("shard") == name), None)
+        st = lay.manifest.stat()
+        return _manifest_shas(str(lay.manifest), st.st_size, st.st_mtime).get(name)
     except Exception:  # no manifest or an unreadable one: nothing recorded, the shard is rewritten
         return None
+
+
+@functools.lru_cache(maxsize=2)
+def _manifest_shas(path: str, size: int, mtime: float) -> dict[str, str]:
+    """shard name -> tar sha256 of one manifest version (read once per process, not once per shard)."""
+    return {e["shard"]: e["sha256"] for e in json.loads(as_path(path).read_text())["shards"]}
 
 
 def _clean(v: Any) -> Any:
