@@ -71,6 +71,7 @@ def _no_traceback(p):
 
 # --- 1. a damaged curated shard is rewritten, never written into the manifest --------------------------
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_curated_tar_is_rewritten_not_laundered(run, damage):
     tar = run / "selected" / "00001.tar"
@@ -87,6 +88,7 @@ def test_damaged_curated_tar_is_rewritten_not_laundered(run, damage):
     assert _verify(run).returncode == 0
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 def test_curated_parquet_with_changed_rows_is_rewritten(run):
     """A curated parquet whose values were edited (its footer still claims the planned rows) is rewritten."""
     path = run / "selected" / "00000.parquet"
@@ -122,6 +124,7 @@ def test_verify_reports_deleted_curated_shards(run):
     assert p.returncode == 1 and "missing (listed in the manifest)" in p.stderr
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 def test_verify_and_write_catch_a_changed_download_image(run):
     """img2dataset's sha256 is of the bytes it fetched, before its resize and re-encode; the score stage
     records the stored bytes' sha256 (image_sha256), which verify and write check."""
@@ -145,6 +148,7 @@ def test_verify_and_write_catch_a_changed_download_image(run):
 
 # --- 3. an output that cannot be read is redone by its stage ----------------------------------------------
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 def test_truncated_scores_are_rescored(run):
     path = run / "scores" / "00000.parquet"
     good = pq.read_table(path).drop_columns([]).to_pylist()
@@ -155,6 +159,7 @@ def test_truncated_scores_are_rescored(run):
     assert _verify(run).returncode == 0
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 @pytest.mark.parametrize("damage", ["truncate", "foreign"])
 def test_unreadable_decisions_and_curated_parquet_are_redone(run, damage):
     dec, cur = run / "selected" / "decisions.parquet", run / "selected" / "00000.parquet"
@@ -212,6 +217,7 @@ def _views(db):
         con.close()
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 @pytest.mark.parametrize("leave", [0, 20_000, 60_000, 150_000, 300_000])
 def test_catalog_refresh_on_a_full_disk_keeps_the_old_catalog(base, tmp_path, leave):
     """However little room is left, the catalog afterwards is the old one or a complete new one."""
@@ -237,6 +243,7 @@ def test_catalog_refresh_on_a_full_disk_keeps_the_old_catalog(base, tmp_path, le
         _no_traceback(p)
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 def test_download_on_a_full_disk_stops_with_one_line(base, tmp_path):
     with _small_disk(tmp_path / "disk", "24m") as disk:
         first = curate("download", *_args(disk, "a"), check=False)
@@ -302,6 +309,7 @@ def test_a_zombie_lock_holder_counts_as_dead(tmp_path):
         child.wait()
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 def test_download_leaves_nothing_in_the_system_temporary_folder(tmp_path):
     """img2dataset imports wandb, whose import makes two folders per process in the temporary folder."""
     tmp = tmp_path / "systmp"

@@ -87,6 +87,7 @@ def _ok(result):
     return r, m
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 def test_unchanged_reference_folder_hits_the_cache(reruns):
     _, m1 = _ok(reruns["first"])
     r2, m2 = _ok(reruns["same"])
@@ -94,6 +95,7 @@ def test_unchanged_reference_folder_hits_the_cache(reruns):
     assert m2["fid"] == m1["fid"] and m2["fid_protocol"]["n_reference"] == 4
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 def test_replaced_reference_images_are_recomputed(reruns):
     r1, m1 = _ok(reruns["first"])
     r3, m3 = _ok(reruns["replaced"])
@@ -106,6 +108,7 @@ def test_replaced_reference_images_are_recomputed(reruns):
     assert f"key {key}" in r1.stderr + r3.stderr  # the hit and the miss name the key
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 def test_rerun_removes_leftovers_of_an_interrupted_eval(reruns):
     _ok(reruns["same"])
     assert all(not p.exists() for p in reruns["planted"])

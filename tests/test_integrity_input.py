@@ -144,6 +144,7 @@ def test_pipeline_names_and_json_hostile_types_in_the_input_run_end_to_end(site)
     assert not stray, stray
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 def test_a_shard_with_fewer_rows_than_its_stats_count_is_redone(site):
     tmp, base = site
     folder = tmp / "short"
@@ -164,6 +165,7 @@ def test_a_shard_with_fewer_rows_than_its_stats_count_is_redone(site):
     assert lay.finished_downloads() == [0, 1] and lay.short_downloads([0, 1]) == {}  # a rerun skips both
 
 
+@pytest.mark.slow  # reruns a stage: in `make test-slow` and CI
 def test_parts_carry_renamed_and_converted_columns_as_the_single_list_does(site):
     tmp, base = site
     n = 6
